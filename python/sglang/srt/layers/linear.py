@@ -1,0 +1,101 @@
+"""Linear layers whose output may be several checkpoint tensors stacked (q/k/v, gate/up).
+
+Each parameter carries its own `weight_loader(param, loaded, shard_id=None)`. Parameters with an
+`output_dim` attribute are split along it by shard; parameters marked `per_shard` hold one value per
+shard (NVFP4 global and input scales).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase, new_param
+
+
+class WeightShapeError(ValueError):
+    """A checkpoint tensor does not fit the parameter it maps to."""
+
+
+def check_shape(name: str, expected: tuple, loaded: torch.Tensor) -> None:
+    if tuple(loaded.shape) != tuple(expected):
+        raise WeightShapeError(f"{name}: expected shape {tuple(expected)}, got {tuple(loaded.shape)}")
+
+
+class UnquantizedLinearMethod(QuantizeMethodBase):
+    def create_weights(self, layer, input_size: int, output_size: int, params_dtype: torch.dtype, **_):
+        layer.weight = new_param((output_size, input_size), params_dtype, output_dim=0, weight_loader=layer.weight_loader)
+
+    def apply(self, layer, x):
+        return F.linear(x, layer.weight)
+
+
+class LinearBase(torch.nn.Module):
+    """out = x @ W^T for W = concat(shards); shard i has output_sizes[i] rows."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        params_dtype: torch.dtype,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        shard_names: list[str] | None = None,
+    ):
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(output_sizes)
+        self.shard_names = shard_names or [str(i) for i in range(len(output_sizes))]
+        self.prefix = prefix
+        # Checkpoint paths of the stacked tensors, so exclude lists written per tensor still match.
+        parent = prefix.rsplit(".", 1)[0]
+        self.shard_prefixes = [f"{parent}.{n}" for n in shard_names] if shard_names else [prefix]
+        method = quant_config.get_quant_method(self, prefix) if quant_config else None
+        self.quant_method: QuantizeMethodBase = method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(
+            self, input_size=input_size, output_size=self.output_size, params_dtype=params_dtype
+        )
+
+    def shard_index(self, shard_id) -> int:
+        if shard_id is None:
+            return -1
+        if isinstance(shard_id, int):
+            return shard_id
+        return self.shard_names.index(shard_id)
+
+    def weight_loader(self, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        idx = self.shard_index(shard_id)
+        target = param.data
+        if getattr(param, "per_shard", False):
+            # A scalar per checkpoint tensor (NVFP4 global/input scale).
+            target = target[max(idx, 0) : max(idx, 0) + 1] if idx >= 0 else target
+            loaded = loaded.reshape(-1)
+            if idx < 0 and loaded.numel() == 1:
+                loaded = loaded.expand(target.shape)
+        elif idx >= 0:
+            dim = param.output_dim
+            # Packed params store fewer rows/cols per element only along the input dim, so row
+            # offsets are the same for weight and block scales.
+            start = sum(self.output_sizes[:idx])
+            target = target.narrow(dim, start, self.output_sizes[idx])
+        check_shape(f"{self.prefix}.{self._param_name(param)}", target.shape, loaded)
+        target.copy_(loaded.to(target.dtype))
+
+    def _param_name(self, param) -> str:
+        for name, p in self.named_parameters(recurse=False):
+            if p is param:
+                return name
+        return "?"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, params_dtype, quant_config=None, prefix: str = ""):
+        super().__init__(input_size, [output_size], params_dtype, quant_config, prefix)
+
+
+class MergedColumnLinear(LinearBase):
+    """Several projections of the same input computed as one matmul (q/k/v, gate/up)."""

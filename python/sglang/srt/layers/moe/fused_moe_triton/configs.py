@@ -1,0 +1,80 @@
+"""Tile configurations for the fused-MoE Triton kernels, chosen per token-count bucket.
+
+`get_moe_config` looks up a measured table for (card, weight format, E, H, I, top-k) and falls back to
+`default_moe_config`, a shape-agnostic heuristic. Tables come from `benchmark/bench_moe_nvfp4.py --tune`
+(see benchmark/README_moe.md for the run that produced them).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    swap_ab: bool
+
+    def as_tuple(self) -> tuple:
+        return (self.block_n, self.block_k, self.num_warps, self.num_stages, int(self.swap_ab))
+
+
+@dataclass(frozen=True)
+class MoeTileConfig:
+    """block_m is shared: both GEMMs walk the same per-expert padded token list."""
+
+    block_m: int
+    gemm1: GemmTile
+    gemm2: GemmTile
+
+
+def tile(block_n: int, block_k: int, num_warps: int, num_stages: int, swap_ab: int) -> GemmTile:
+    return GemmTile(block_n, block_k, num_warps, num_stages, bool(swap_ab))
+
+
+def default_moe_config(num_tokens: int, num_experts: int, top_k: int, weight_format: str) -> MoeTileConfig:
+    """Heuristic: block_m follows the mean tokens per expert; small batches use narrow N tiles so that
+    enough programs stream weights concurrently (the regime is memory-bound), large ones use
+    128-wide tiles for tensor-core efficiency."""
+    per_expert = num_tokens * top_k / max(num_experts, 1)
+    if per_expert <= 16:
+        return MoeTileConfig(16, tile(32, 128, 4, 4, 1), tile(64, 128, 4, 4, 1))
+    if per_expert <= 48:
+        return MoeTileConfig(32, tile(64, 128, 4, 4, 1), tile(64, 128, 4, 4, 1))
+    if per_expert <= 96:
+        return MoeTileConfig(64, tile(64, 128, 4, 3, 0), tile(128, 64, 4, 3, 0))
+    return MoeTileConfig(128, tile(128, 64, 8, 3, 0), tile(128, 64, 8, 3, 0))
+
+
+# (card, weight format, E, H, I, top_k) -> [(largest M in bucket, config), ...] ascending in M.
+TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def device_key() -> str:
+    """'H100' / 'H200' / ... from the CUDA device name; '' without a GPU."""
+    if not torch.cuda.is_available():
+        return ""
+    name = torch.cuda.get_device_name()
+    for key in ("H200", "H100", "H20", "H800", "A100"):
+        if key in name:
+            return key
+    return name
+
+
+def get_moe_config(
+    num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, weight_format: str
+) -> MoeTileConfig:
+    table = TUNED_MOE_CONFIGS.get((device_key(), weight_format, num_experts, hidden, inter, top_k))
+    if table:
+        for max_m, cfg in table:
+            if num_tokens <= max_m:
+                return cfg
+        return table[-1][1]
+    return default_moe_config(num_tokens, num_experts, top_k, weight_format)

@@ -1,0 +1,155 @@
+"""Host side of the fused-MoE Triton path: token sort/align, the two grouped GEMMs, the top-k sum.
+
+Everything here is free of host synchronisation (no .item(), no data-dependent shapes), so a whole
+MoE layer can be captured in a CUDA graph. Buffers are sized by upper bounds known from M alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from sglang.srt.layers.moe.fused_moe_triton.configs import GemmTile, MoeTileConfig, get_moe_config
+from sglang.srt.layers.moe.fused_moe_triton.kernels import (
+    ACT_GELU_TANH,
+    ACT_SILU,
+    moe_align_kernel,
+    moe_gemm1_kernel,
+    moe_gemm2_kernel,
+)
+
+_ACTIVATIONS = {"gelu_pytorch_tanh": ACT_GELU_TANH, "gelu_tanh": ACT_GELU_TANH, "silu": ACT_SILU}
+
+
+@dataclass
+class AlignedTokens:
+    sorted_ids: torch.Tensor  # [max_blocks * block_m] int32: pair index m * k + j, or num_pairs (padding)
+    block_expert: torch.Tensor  # [max_blocks] int32: expert of each block, -1 past the end
+    num_padded: torch.Tensor  # [1] int32: used slots (a multiple of block_m)
+    max_blocks: int
+    block_m: int
+
+
+@dataclass
+class ExpertWeights:
+    """One layer's experts as the kernels read them. Scales are None for bf16 experts."""
+
+    w13: torch.Tensor  # [E, 2I, H] bf16 or [E, 2I, H/2] uint8
+    w2: torch.Tensor  # [E, H, I] bf16 or [E, H, I/2] uint8
+    w13_scale: torch.Tensor | None = None  # [E, 2I, H/16] float8_e4m3fn
+    w2_scale: torch.Tensor | None = None  # [E, H, I/16] float8_e4m3fn
+    w13_scale_2: torch.Tensor | None = None  # [E, 2] fp32 (gate, up)
+    w2_scale_2: torch.Tensor | None = None  # [E] fp32
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.w13.dtype == torch.uint8
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def inter(self) -> int:
+        return self.w13.shape[1] // 2
+
+    @property
+    def hidden(self) -> int:
+        return self.w2.shape[1]
+
+
+def max_blocks_for(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of sum_e ceil(count_e / block_m): each non-empty expert wastes < 1 block."""
+    return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedTokens:
+    """Sort (token, slot) pairs by expert, each expert's run padded to block_m; one kernel launch."""
+    ids = topk_ids.reshape(-1)
+    if ids.dtype != torch.int32:
+        ids = ids.to(torch.int32)
+    num_pairs = ids.numel()
+    max_blocks = max_blocks_for(num_pairs, num_experts, block_m)
+    num_bins = triton.next_power_of_2(num_experts)
+    dev = ids.device
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    cursor = torch.empty(num_bins, dtype=torch.int32, device=dev)
+    moe_align_kernel[(1,)](
+        ids, sorted_ids, block_expert, num_padded, cursor,
+        num_pairs, max_blocks * block_m, max_blocks, num_experts,
+        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=1024, BLOCK_CHUNK=max(16, 4096 // num_bins),
+        num_warps=8,
+    )  # fmt: skip
+    return AlignedTokens(sorted_ids, block_expert, num_padded, max_blocks, block_m)
+
+
+def _launch_kwargs(t: GemmTile) -> dict:
+    return dict(BN=t.block_n, BK=t.block_k, SWAP_AB=t.swap_ab, num_warps=t.num_warps, num_stages=t.num_stages)
+
+
+def moe_gemm1(
+    x: torch.Tensor, w: ExpertWeights, aligned: AlignedTokens, top_k: int, activation: str, t: GemmTile
+) -> torch.Tensor:
+    """h [slots, I] bf16 = act(x W_gate^T * gs_gate) * (x W_up^T * gs_up), rows in sorted order."""
+    inter, hidden = w.inter, x.shape[1]
+    h = torch.empty(aligned.max_blocks * aligned.block_m, inter, dtype=torch.bfloat16, device=x.device)
+    scale = w.w13_scale if w.is_fp4 else w.w13
+    gs = w.w13_scale_2 if w.is_fp4 else w.w13
+    grid = (aligned.max_blocks * triton.cdiv(inter, t.block_n),)
+    moe_gemm1_kernel[grid](
+        x, w.w13, scale, gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        x.shape[0] * top_k, top_k, inter, hidden,
+        x.stride(0), w.w13.stride(0), w.w13.stride(1), scale.stride(0), scale.stride(1), h.stride(0),
+        BM=aligned.block_m, W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], **_launch_kwargs(t),
+    )  # fmt: skip
+    return h
+
+
+def moe_gemm2(
+    h: torch.Tensor, w: ExpertWeights, aligned: AlignedTokens, topk_weights: torch.Tensor, out: torch.Tensor,
+    t: GemmTile,
+) -> torch.Tensor:  # fmt: skip
+    """out [pairs, H] = routing weight * gs_down * (h W_down^T), one row per (token, slot) pair."""
+    hidden, inter = w.hidden, w.inter
+    scale = w.w2_scale if w.is_fp4 else w.w2
+    gs = w.w2_scale_2 if w.is_fp4 else w.w2
+    topk_w = topk_weights.reshape(-1).float()
+    grid = (aligned.max_blocks * triton.cdiv(hidden, t.block_n),)
+    moe_gemm2_kernel[grid](
+        h, w.w2, scale, gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        topk_w.numel(), hidden, inter,
+        h.stride(0), w.w2.stride(0), w.w2.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
+        BM=aligned.block_m, W_FP4=w.is_fp4, **_launch_kwargs(t),
+    )  # fmt: skip
+    return out
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w: ExpertWeights,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "gelu_pytorch_tanh",
+    config: MoeTileConfig | None = None,
+) -> torch.Tensor:
+    """sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) -> [M, H] in x.dtype."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unsupported MoE activation {activation!r}; supported: {sorted(_ACTIVATIONS)}")
+    num_tokens, top_k = topk_ids.shape
+    if config is None:
+        fmt = "nvfp4" if w.is_fp4 else "bf16"
+        config = get_moe_config(num_tokens, w.num_experts, w.hidden, w.inter, top_k, fmt)
+    x = x.contiguous()
+    aligned = moe_align(topk_ids, w.num_experts, config.block_m)
+    h = moe_gemm1(x, w, aligned, top_k, activation, config.gemm1)
+    if top_k == 1:
+        # One pair per token: the pair rows are the output rows.
+        return moe_gemm2(h, w, aligned, topk_weights, torch.empty_like(x), config.gemm2)
+    pair_out = torch.empty(num_tokens * top_k, w.hidden, dtype=x.dtype, device=x.device)
+    moe_gemm2(h, w, aligned, topk_weights, pair_out, config.gemm2)
+    # torch accumulates a bf16 sum in fp32; summing in slot order keeps the result deterministic.
+    return pair_out.view(num_tokens, top_k, w.hidden).sum(dim=1)

@@ -1,0 +1,68 @@
+"""Triton fused-MoE runners (bf16 and W4A16 NVFP4 experts) for SM80/SM90, where no FP4 MMA exists.
+
+Both run the same kernels (sglang.srt.layers.moe.fused_moe_triton): tokens sorted per expert, GEMM1
+over [gate; up] with act(gate) * up fused into its epilogue, GEMM2 with the routing weight, top-k sum.
+NVFP4 weights are dequantised in registers straight from the checkpoint layout, so loading needs no
+repacking; process_weights_after_loading only makes the tensors contiguous and the global scales fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, fused_experts
+from sglang.srt.layers.moe.moe_runner.base import BF16, NVFP4, MoeRunner, register_moe_runner
+from sglang.srt.layers.moe.topk import TopKOutput
+
+
+def _set_param(layer: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace a parameter's data in place of the attribute, keeping it a frozen Parameter."""
+    old = getattr(layer, name)
+    if value is old or (value.data_ptr() == old.data_ptr() and value.dtype == old.dtype and value.shape == old.shape):
+        return
+    setattr(layer, name, torch.nn.Parameter(value, requires_grad=False))
+
+
+class _TritonMoeRunnerBase(MoeRunner):
+    backend = "triton"
+
+    def _weights(self, layer: torch.nn.Module) -> ExpertWeights:
+        raise NotImplementedError
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk: TopKOutput) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return torch.empty_like(x)
+        return fused_experts(x, self._weights(layer), topk.topk_weights, topk.topk_ids, layer.activation)
+
+
+@register_moe_runner
+class TritonBf16MoeRunner(_TritonMoeRunnerBase):
+    weight_format = BF16
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        for name in ("w13_weight", "w2_weight"):
+            _set_param(layer, name, getattr(layer, name).data.to(torch.bfloat16).contiguous())
+
+    def _weights(self, layer: torch.nn.Module) -> ExpertWeights:
+        return ExpertWeights(layer.w13_weight, layer.w2_weight)
+
+
+@register_moe_runner
+class TritonNvFp4MoeRunner(_TritonMoeRunnerBase):
+    weight_format = NVFP4
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
+            _set_param(layer, name, getattr(layer, name).data.contiguous())
+        _set_param(layer, "w13_weight_scale_2", layer.w13_weight_scale_2.data.float().reshape(-1, 2).contiguous())
+        _set_param(layer, "w2_weight_scale_2", layer.w2_weight_scale_2.data.float().reshape(-1).contiguous())
+
+    def _weights(self, layer: torch.nn.Module) -> ExpertWeights:
+        return ExpertWeights(
+            layer.w13_weight,
+            layer.w2_weight,
+            layer.w13_weight_scale,
+            layer.w2_weight_scale,
+            layer.w13_weight_scale_2,
+            layer.w2_weight_scale_2,
+        )

@@ -1,0 +1,94 @@
+"""ModelRunner: owns the model, the KV memory and the attention backend; runs one step at a time."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.layers.attention import get_attention_backend
+from sglang.srt.mem_cache.memory_pool import KVCache, LayerKVSpec, ReqToTokenPool, TokenToKVPoolAllocator
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsProcessorOutput
+from sglang.srt.model_loader.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_TOKENS = 32768
+_DEFAULT_MEM_FRACTION = 0.85
+_KV_DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA GPU is available")
+    return device
+
+
+def default_moe_backend(device: str) -> str:
+    return "triton" if device.startswith("cuda") else "torch"
+
+
+class ModelRunner:
+    def __init__(self, server_args, model_config: ModelConfig | None = None):
+        self.server_args = server_args
+        self.device = resolve_device(server_args.device)
+        self.model_config = model_config or ModelConfig.from_server_args(server_args)
+        self.dtype = self.model_config.dtype
+        torch.manual_seed(server_args.random_seed)
+        moe_backend = server_args.moe_runner_backend
+        if moe_backend in (None, "auto"):
+            moe_backend = default_moe_backend(self.device)
+        self.moe_runner_backend = moe_backend
+        self.model = load_model(
+            self.model_config, server_args.load_format, self.device, moe_backend, server_args.random_seed
+        )
+        self.attn_backend = get_attention_backend(server_args.attention_backend or "torch_native")
+        self._init_memory_pools()
+
+    def _kv_dtype(self) -> torch.dtype:
+        choice = self.server_args.kv_cache_dtype
+        if choice not in _KV_DTYPES:
+            raise ValueError(f"unsupported kv_cache_dtype {choice!r}; choose from {sorted(_KV_DTYPES)}")
+        return _KV_DTYPES[choice] or self.dtype
+
+    def _kv_capacity(self, bytes_per_token: int) -> int:
+        if self.server_args.max_total_tokens:
+            return int(self.server_args.max_total_tokens)
+        if not self.device.startswith("cuda"):
+            return _CPU_DEFAULT_KV_TOKENS
+        free, total = torch.cuda.mem_get_info()
+        fraction = self.server_args.mem_fraction_static or _DEFAULT_MEM_FRACTION
+        budget = free - (1 - fraction) * total
+        if budget <= 0:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache after loading the model "
+                f"(free {free / 2**30:.1f} GiB of {total / 2**30:.1f}); raise --mem-fraction-static"
+            )
+        return int(budget // bytes_per_token)
+
+    def _init_memory_pools(self) -> None:
+        specs = [LayerKVSpec(s.num_kv_heads, s.head_dim) for s in self.model_config.layer_specs]
+        kv_dtype = self._kv_dtype()
+        self.max_total_num_tokens = self._kv_capacity(KVCache.bytes_per_token(specs, kv_dtype))
+        if self.max_total_num_tokens < 16:
+            raise ValueError(f"KV cache of {self.max_total_num_tokens} tokens is too small to serve")
+        self.max_running_requests = int(self.server_args.max_running_requests or 256)
+        max_context = min(self.model_config.context_len, self.max_total_num_tokens) + 8
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, max_context, self.device)
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(self.max_total_num_tokens, self.device)
+        self.kv_cache = KVCache(self.max_total_num_tokens, specs, kv_dtype, self.device)
+        logger.info(
+            "KV cache: %d tokens (%s), max running requests %d",
+            self.max_total_num_tokens, kv_dtype, self.max_running_requests,
+        )
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+        batch.attn_backend = self.attn_backend
+        batch.req_to_token_pool = self.req_to_token_pool
+        batch.token_to_kv_pool = self.kv_cache
+        self.attn_backend.init_forward_metadata(batch)
+        return self.model(batch.input_ids, batch.positions, batch)

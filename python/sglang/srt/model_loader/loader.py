@@ -1,0 +1,62 @@
+"""Build the model on its device and fill it: from safetensors shards, or with dummy weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sglang.srt.layers.quantization import get_quantization_config
+from sglang.srt.model_loader.weight_utils import safetensors_files, safetensors_weights_iterator
+from sglang.srt.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights of the real shapes, sane enough that activations stay finite.
+
+    NVFP4 codes are any nibble (every e2m1 code is a valid number), block scales near 1 and
+    global scales chosen so dequantized weights have a std of about 0.02, like the bf16 ones.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if p.dtype == torch.uint8:
+            data = torch.randint(0, 256, p.shape, dtype=torch.uint8, generator=gen)
+        elif p.dtype == torch.float8_e4m3fn:
+            data = (0.5 + torch.rand(p.shape, generator=gen)).to(torch.float8_e4m3fn)
+        elif leaf.endswith("weight_scale_2"):
+            data = torch.full(p.shape, 0.008)
+        elif leaf.endswith("input_scale"):
+            data = torch.full(p.shape, 1.0 / (6 * 448))
+        elif p.dim() == 1 or leaf in ("layer_scalar", "scale", "per_expert_scale"):
+            data = torch.ones(p.shape)
+        else:
+            data = torch.randn(p.shape, generator=gen) * 0.02
+        p.data.copy_(data.to(p.dtype))
+
+
+def load_model(model_config, load_format: str = "auto", device: str = "cpu", moe_runner_backend: str = "torch", seed: int = 0) -> torch.nn.Module:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unsupported load format {load_format!r}; choose from {LOAD_FORMATS}")
+    quant_config = get_quantization_config(model_config.quantization, model_config.quant_config)
+    model_cls = get_model_class(model_config.architectures)
+    with torch.device(device):
+        model = model_cls(model_config, quant_config=quant_config, moe_runner_backend=moe_runner_backend)
+    if load_format == "dummy":
+        fill_dummy_weights(model, seed)
+    else:
+        files = safetensors_files(Path(model_config.model_path))
+        model.load_weights(_iter_with_bar(files))
+    model.post_load_weights()
+    return model.eval()
+
+
+def _iter_with_bar(files: list[Path]):
+    for path in tqdm(files, desc="Loading safetensors shards", disable=len(files) < 4):
+        yield from safetensors_weights_iterator([path])

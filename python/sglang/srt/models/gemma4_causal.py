@@ -1,0 +1,292 @@
+"""Gemma 4 text model (dense or MoE) over a flat batch of tokens and a paged KV cache.
+
+One decoder layer (see gemma4.md):
+  h = r + post_attention_norm(attn(input_norm(r)))
+  dense = post_ffw_norm_1(mlp(pre_ffw_norm(h)));  moe = post_ffw_norm_2(experts(pre_ffw_norm_2(h)))
+  out = (h + post_ffw_norm(dense + moe)) * layer_scalar     (the router reads the raw h)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from sglang.srt.configs.model_config import LayerSpec
+from sglang.srt.layers.activation import get_act_fn
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.linear import MergedColumnLinear, ReplicatedLinear, WeightShapeError, check_shape
+from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+from sglang.srt.layers.moe.topk import gemma4_topk
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.rotary_embedding import RotaryEmbedding
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsProcessorOutput
+from sglang.srt.model_loader.load_report import LoadReport
+
+logger = logging.getLogger(__name__)
+
+
+def default_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+    check_shape(name, param.shape, loaded)
+    param.data.copy_(loaded.to(param.dtype))
+
+
+def _param(shape, dtype) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False)
+
+
+class Gemma4Attention(torch.nn.Module):
+    def __init__(self, cfg: dict, spec: LayerSpec, layer_id: int, dtype, quant_config, prefix: str):
+        super().__init__()
+        self.spec = spec
+        self.num_heads = cfg["num_attention_heads"]
+        hidden, d, kvh = cfg["hidden_size"], spec.head_dim, spec.num_kv_heads
+        shards = ["q_proj", "k_proj"] + ([] if spec.k_eq_v else ["v_proj"])
+        sizes = [self.num_heads * d, kvh * d] + ([] if spec.k_eq_v else [kvh * d])
+        self.qkv_proj = MergedColumnLinear(hidden, sizes, dtype, quant_config, f"{prefix}.qkv_proj", shards)
+        self.o_proj = ReplicatedLinear(self.num_heads * d, hidden, dtype, quant_config, f"{prefix}.o_proj")
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.q_norm = RMSNorm(d, eps, params_dtype=dtype)
+        self.k_norm = RMSNorm(d, eps, params_dtype=dtype)
+        self.v_norm = RMSNorm(d, eps, with_scale=False)
+        self.rotary_emb = RotaryEmbedding(d, spec.rope_theta, spec.rope_type, spec.partial_rotary_factor)
+        window = cfg.get("sliding_window") if spec.is_sliding else None
+        # q_norm and k_norm take the place of 1/sqrt(d): the attention scale is 1.
+        self.attn = RadixAttention(self.num_heads, d, 1.0, kvh, layer_id, sliding_window=window)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        d, kvh = self.spec.head_dim, self.spec.num_kv_heads
+        qkv = self.qkv_proj(x)
+        q = qkv[:, : self.num_heads * d].view(-1, self.num_heads, d)
+        k = qkv[:, self.num_heads * d : (self.num_heads + kvh) * d].view(-1, kvh, d)
+        v = k if self.spec.k_eq_v else qkv[:, (self.num_heads + kvh) * d :].view(-1, kvh, d)
+        cos, sin = self.rotary_emb.cos_sin(positions)
+        q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
+        k_roped = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
+        out = self.attn(q, k_roped, self.v_norm(v), forward_batch)
+        return self.o_proj(out)
+
+
+class Gemma4MLP(torch.nn.Module):
+    def __init__(self, hidden: int, inter: int, act: str, dtype, quant_config, prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnLinear(
+            hidden, [inter, inter], dtype, quant_config, f"{prefix}.gate_up_proj", ["gate_proj", "up_proj"]
+        )
+        self.down_proj = ReplicatedLinear(inter, hidden, dtype, quant_config, f"{prefix}.down_proj")
+        self.act = get_act_fn(act)
+        self.inter = inter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(self.act(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+
+
+class Gemma4Router(torch.nn.Module):
+    """logits = proj(rmsnorm(x) * scale / sqrt(H)); routing in gemma4_topk."""
+
+    def __init__(self, cfg: dict, dtype, quant_config, prefix: str):
+        super().__init__()
+        hidden, experts = cfg["hidden_size"], cfg["num_experts"]
+        self.norm = RMSNorm(hidden, cfg.get("rms_norm_eps", 1e-6), with_scale=False)
+        self.proj = ReplicatedLinear(hidden, experts, dtype, quant_config, f"{prefix}.proj")
+        self.scale = _param((hidden,), dtype)
+        self.per_expert_scale = _param((experts,), dtype)
+        self.root_size = hidden**-0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x) * self.scale * self.root_size)
+
+
+class Gemma4DecoderLayer(torch.nn.Module):
+    def __init__(self, cfg: dict, spec: LayerSpec, layer_id: int, dtype, quant_config, prefix: str, moe_backend: str):
+        super().__init__()
+        hidden, eps = cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6)
+        act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+        self.self_attn = Gemma4Attention(cfg, spec, layer_id, dtype, quant_config, f"{prefix}.self_attn")
+        self.mlp = Gemma4MLP(hidden, cfg["intermediate_size"], act, dtype, quant_config, f"{prefix}.mlp")
+        norms = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        self.enable_moe = bool(cfg.get("enable_moe_block", False))
+        if self.enable_moe:
+            norms += ["pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"]
+            self.router = Gemma4Router(cfg, dtype, quant_config, f"{prefix}.router")
+            self.experts = FusedMoE(
+                cfg["num_experts"], cfg["top_k_experts"], hidden, cfg["moe_intermediate_size"], dtype,
+                act, quant_config, f"{prefix}.experts", moe_backend,
+            )
+            self.experts.router_per_expert_scale = None  # filled after loading (see Gemma4ForCausalLM)
+        for name in norms:
+            setattr(self, name, RMSNorm(hidden, eps, params_dtype=dtype))
+        self.layer_scalar = _param((1,), dtype)
+
+    def forward(self, positions, h, forward_batch):
+        attn = self.self_attn(positions, self.input_layernorm(h), forward_batch)
+        h = h + self.post_attention_layernorm(attn)
+        ffw = self.mlp(self.pre_feedforward_layernorm(h))
+        if self.enable_moe:
+            topk = gemma4_topk(self.router(h), self.experts.top_k, self.router.per_expert_scale)
+            moe = self.experts(self.pre_feedforward_layernorm_2(h), topk)
+            ffw = self.post_feedforward_layernorm_1(ffw) + self.post_feedforward_layernorm_2(moe)
+        h = h + self.post_feedforward_layernorm(ffw)
+        return h * self.layer_scalar
+
+
+class Gemma4TextModel(torch.nn.Module):
+    def __init__(self, cfg: dict, specs: list[LayerSpec], dtype, quant_config, prefix: str, moe_backend: str):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(cfg["vocab_size"], cfg["hidden_size"], dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = torch.nn.ModuleList(
+            Gemma4DecoderLayer(cfg, spec, i, dtype, quant_config, f"{prefix}.layers.{i}", moe_backend)
+            for i, spec in enumerate(specs)
+        )
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), params_dtype=dtype)
+        self.embed_scale = cfg["hidden_size"] ** 0.5
+
+    def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        # The scale is rounded to the weight dtype first, as the reference does.
+        h = F.embedding(input_ids, weight) * torch.tensor(self.embed_scale, dtype=weight.dtype)
+        for layer in self.layers:
+            h = layer(positions, h, forward_batch)
+        return self.norm(h)
+
+
+class Gemma4ForCausalLM(torch.nn.Module):
+    # Checkpoint prefix of the text weights; the multimodal class overrides it.
+    checkpoint_prefix = "model."
+
+    def __init__(self, model_config, quant_config=None, moe_runner_backend: str = "torch"):
+        super().__init__()
+        cfg = model_config.text_config
+        self.config = cfg
+        dtype = model_config.dtype
+        self.model = Gemma4TextModel(
+            cfg, model_config.layer_specs, dtype, quant_config, self.checkpoint_prefix.rstrip("."), moe_runner_backend
+        )
+        self.tie_word_embeddings = cfg.get("tie_word_embeddings", True)
+        if not self.tie_word_embeddings:
+            self.lm_head = torch.nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False, dtype=dtype)
+            self.lm_head.weight.requires_grad_(False)
+        self.final_logit_softcapping = cfg.get("final_logit_softcapping")
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+
+    @torch.no_grad()
+    def forward(self, input_ids, positions, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
+        hidden = self.model(input_ids, positions, forward_batch)
+        last = torch.tensor(forward_batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
+        all_logits = self.compute_logits(hidden) if forward_batch.return_all_logits else None
+        next_logits = all_logits[last] if all_logits is not None else self.compute_logits(hidden[last])
+        return LogitsProcessorOutput(next_token_logits=next_logits, all_logits=all_logits)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.lm_head_weight()).float()
+        cap = self.final_logit_softcapping
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    # ---- weight loading -------------------------------------------------------------------
+    # (param name, checkpoint name, shard id): stacked tensors sharing one parameter.
+    stacked_params_mapping = [
+        ("qkv_proj", "q_proj", "q_proj"),
+        ("qkv_proj", "k_proj", "k_proj"),
+        ("qkv_proj", "v_proj", "v_proj"),
+        ("gate_up_proj", "gate_proj", "gate_proj"),
+        ("gate_up_proj", "up_proj", "up_proj"),
+    ]
+    # Checkpoint prefixes that hold no text weights; skipped with one log line.
+    skipped_prefixes: tuple[str, ...] = ()
+
+    def _to_param_name(self, ckpt_name: str) -> str | None:
+        if not ckpt_name.startswith(self.checkpoint_prefix) and not ckpt_name.startswith("lm_head."):
+            return None
+        return "model." + ckpt_name[len(self.checkpoint_prefix) :] if not ckpt_name.startswith("lm_head.") else ckpt_name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
+        params = dict(self.named_parameters())
+        report = LoadReport()
+        expert_mapping = FusedMoE.make_expert_params_mapping(
+            "gate_proj", "down_proj", "up_proj", int(self.config.get("num_experts") or 0)
+        )
+        skipped = 0
+        for ckpt_name, tensor in weights:
+            if ckpt_name.startswith(self.skipped_prefixes):
+                skipped += 1
+                continue
+            name = self._to_param_name(ckpt_name)
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue  # tied to embed_tokens
+            if name is None:
+                report.unexpected.append(ckpt_name)
+                continue
+            try:
+                if not self._load_one(name, ckpt_name, tensor, params, expert_mapping, report):
+                    report.unexpected.append(ckpt_name)
+            except WeightShapeError as e:
+                report.shape_errors.append(f"{ckpt_name}: {e}")
+        if skipped:
+            logger.info("skipped %d non-text tensors (%s); the vision/audio towers are not served yet", skipped, ", ".join(self.skipped_prefixes))
+        report.raise_if_failed(self)
+        return report
+
+    def _load_one(self, name, ckpt_name, tensor, params, expert_mapping, report) -> bool:
+        # 1. per-expert tensors (NVFP4, bf16 per expert)
+        for param_part, weight_part, expert_id, shard_id in expert_mapping:
+            if weight_part in name:
+                pname = name.replace(weight_part, param_part)
+                if pname not in params:
+                    return False
+                p = params[pname]
+                p.weight_loader(p, tensor, ckpt_name, shard_id, expert_id)
+                report.record(pname, (expert_id, shard_id))
+                return True
+        # 2. fused bf16 experts (Hugging Face layout)
+        for suffix, pname_suffix, shards in (
+            ("experts.gate_up_proj", "experts.w13_weight", ("w1", "w3")),
+            ("experts.down_proj", "experts.w2_weight", ("w2",)),
+        ):
+            if name.endswith(suffix):
+                pname = name[: -len(suffix)] + pname_suffix
+                if pname not in params:
+                    return False
+                p = params[pname]
+                p.weight_loader(p, tensor, ckpt_name, "w13" if len(shards) == 2 else "w2", None)
+                for e in range(p.shape[0]):
+                    for s in shards:
+                        report.record(pname, (e, s))
+                return True
+        # 3. stacked q/k/v and gate/up, then everything else
+        for param_part, weight_part, shard_id in self.stacked_params_mapping:
+            if f".{weight_part}." in name:
+                pname = name.replace(f".{weight_part}.", f".{param_part}.")
+                if pname not in params:
+                    return False
+                p = params[pname]
+                p.weight_loader(p, tensor, shard_id)
+                report.record(pname, shard_id)
+                return True
+        if name not in params:
+            return False
+        p = params[name]
+        if hasattr(p, "weight_loader"):
+            p.weight_loader(p, tensor)
+        else:
+            default_weight_loader(p, tensor, ckpt_name)
+        report.record(name)
+        return True
+
+    def post_load_weights(self) -> None:
+        """Repack for the chosen kernels; hand each MoE layer its router's per-expert scale."""
+        for layer in self.model.layers:
+            if layer.enable_moe:
+                layer.experts.router_per_expert_scale = layer.router.per_expert_scale.data.float()
+        for module in self.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+
+EntryClass = Gemma4ForCausalLM

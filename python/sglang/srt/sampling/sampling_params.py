@@ -1,0 +1,82 @@
+"""Per-request sampling parameters, SGLang's names and meanings.
+
+Unset knobs stay None until the scheduler fills them from the model's generation_config (SGLang's
+`--sampling-defaults model`), so the HTTP layer never needs to know the model's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+_FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int | None = 128
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # -1 or 0: no top-k cut
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SamplingParams":
+        """Build from a user dict; unknown keys are an error, never silently dropped."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unsupported sampling parameter(s): {', '.join(unknown)}")
+        if isinstance(d.get("stop"), str):
+            d["stop"] = [d["stop"]]
+        for key in ("stop", "stop_token_ids"):
+            if d.get(key) is None:
+                d.pop(key, None)
+        params = cls(**d)
+        params.verify()
+        return params
+
+    def verify(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the first out-of-range parameter."""
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0):
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < -1):
+            raise ValueError(f"top_k must be -1 (disabled) or a non-negative integer, got {self.top_k}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise ValueError(f"stop_token_ids contains an invalid token id {t!r}")
+
+    def fill_defaults(self, defaults: dict | None) -> None:
+        """Replace unset knobs with the model's generation_config values, then plain fallbacks."""
+        if self.temperature is None and (defaults or {}).get("do_sample") is False:
+            self.temperature = 0.0
+        for name, fallback in _FALLBACK.items():
+            if getattr(self, name) is None:
+                value = (defaults or {}).get(name)
+                setattr(self, name, fallback if value is None else value)
+        if self.top_k == 0:
+            self.top_k = -1
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)

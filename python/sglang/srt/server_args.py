@@ -1,0 +1,249 @@
+"""ServerArgs: the single source of settings for the server, the Engine and the benchmarks.
+
+The CLI is generated from the dataclass fields (help, choices and aliases live in each field's
+metadata). Construction validates the values and resolves every `auto`/None default into a concrete
+value, reading the model's config and the GPU generation (`utils.get_device_sm`) but never touching a
+GPU, so the same resolution is testable on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import typing
+from dataclasses import dataclass, field
+
+from sglang.srt import utils
+
+logger = logging.getLogger(__name__)
+
+GEMMA4_ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
+MOE_RUNNER_BACKENDS = ("auto", "torch", "triton", "flashinfer_trtllm")
+ATTENTION_BACKENDS = ("torch_native", "triton")
+
+
+def _opt(default, help: str, choices=None, aliases=(), **kw):
+    """A dataclass field carrying its CLI help, choices and extra flag spellings."""
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases, **kw})
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str = field(metadata={"help": "Local checkpoint dir, hub repo id, or the demo model name.", "aliases": ("--model",)})
+    tokenizer_path: str | None = _opt(None, "Tokenizer dir or repo id (default: the model path).")
+    revision: str | None = _opt(None, "Hub revision of the model.")
+    download_dir: str | None = _opt(None, "Cache dir for hub downloads.")
+    load_format: str = _opt("auto", "Weight format; dummy = random weights of the real shapes.", ("auto", "safetensors", "dummy"))
+    dtype: str = _opt("auto", "Activation/weight dtype of the non-quantized parts.", ("auto", "bfloat16", "float16", "float32"))
+    quantization: str | None = _opt(None, "Weight quantization (default: detected from the checkpoint).", ("modelopt_fp4",))
+    device: str | None = _opt(None, "cuda or cpu (default: cuda when available).", ("cuda", "cpu"))
+    context_length: int | None = _opt(None, "Max tokens per request, prompt + output (default: the model's).")
+    skip_tokenizer_init: bool = _opt(False, "Do not load a tokenizer; requests must carry input_ids.")
+    chat_template: str | None = _opt(None, "Jinja chat template file or string overriding the tokenizer's.")
+    # Memory and scheduling
+    mem_fraction_static: float | None = _opt(None, "Fraction of GPU memory for weights + KV pool.")
+    max_total_tokens: int | None = _opt(None, "KV pool size in tokens (overrides --mem-fraction-static).")
+    max_running_requests: int | None = _opt(None, "Max requests decoding at once.")
+    max_prefill_tokens: int = _opt(16384, "Max new prompt tokens in one prefill batch.")
+    chunked_prefill_size: int | None = _opt(None, "Max prompt tokens of one request per step; -1 disables chunking.")
+    schedule_policy: str = _opt("fcfs", "Waiting-queue order: first come first served, or longest prefix match.", ("fcfs", "lpm"))
+    schedule_conservativeness: float = _opt(1.0, "Higher reserves more KV for future output tokens.")
+    disable_radix_cache: bool = _opt(False, "Disable prefix caching.")
+    kv_cache_dtype: str = _opt("auto", "KV cache dtype.", ("auto", "bf16", "bfloat16", "fp8_e4m3"))
+    # Kernels
+    attention_backend: str | None = _opt(None, "Attention kernels (default: torch_native on CPU).", ATTENTION_BACKENDS)
+    moe_runner_backend: str = _opt("auto", "MoE expert kernels.", MOE_RUNNER_BACKENDS)
+    disable_cuda_graph: bool = _opt(False, "Run decode without CUDA graphs.")
+    cuda_graph_max_bs: int | None = _opt(None, "Largest decode batch captured in a CUDA graph.")
+    tp_size: int = _opt(1, "Tensor parallel size.")
+    random_seed: int = _opt(0, "Seed for weights of --load-format dummy and for unseeded sampling.")
+    # HTTP server
+    host: str = _opt("127.0.0.1", "HTTP host.")
+    port: int = _opt(30000, "HTTP port.")
+    served_model_name: str | None = _opt(None, "Model name reported by the API (default: the model path).")
+    api_key: str | None = _opt(None, "Require `Authorization: Bearer <key>` on every endpoint but /health.")
+    enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
+    log_level: str = _opt("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
+    log_requests: bool = _opt(False, "Log every request's inputs and outputs.")
+
+    def __post_init__(self):
+        self._validate()
+        self._resolve_defaults()
+        self._handle_model_specific_adjustments()
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{_flag(f.name)} must be one of {list(choices)}, got {value!r}")
+        if not self.model_path:
+            raise ValueError("--model-path is required")
+        _check(self.tp_size == 1, f"--tp-size {self.tp_size}: tensor parallelism is not supported yet; use 1")
+        _check(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
+        _positive(self, "context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs")
+        if self.mem_fraction_static is not None:
+            _check(0.0 < self.mem_fraction_static < 1.0, f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.chunked_prefill_size is not None:
+            _check(
+                self.chunked_prefill_size > 0 or self.chunked_prefill_size == -1,
+                f"--chunked-prefill-size must be positive or -1 (disabled), got {self.chunked_prefill_size}",
+            )
+        _check(self.schedule_conservativeness > 0, "--schedule-conservativeness must be positive")
+        if self.device == "cpu":
+            _check(self.kv_cache_dtype != "fp8_e4m3", "--kv-cache-dtype fp8_e4m3 needs a GPU; use auto on CPU")
+            _check(self.attention_backend != "triton", "--attention-backend triton needs a GPU; use torch_native on CPU")
+
+    # ---------------------------------------------------------------- defaults
+    def _resolve_defaults(self) -> None:
+        if self.device is None:
+            self.device = "cuda" if utils.is_cuda_available() else "cpu"
+        on_gpu = self.device == "cuda"
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+        if self.attention_backend is None:
+            self.attention_backend = "triton" if on_gpu and _module_exists("sglang.srt.layers.attention.triton_backend") else "torch_native"
+        if self.chunked_prefill_size is None:
+            # CPU steps are slow, so smaller chunks keep decode latency of other requests bounded.
+            self.chunked_prefill_size = 8192 if on_gpu else 2048
+        if self.mem_fraction_static is None and on_gpu:
+            self.mem_fraction_static = 0.85
+        if self.cuda_graph_max_bs is None and on_gpu:
+            self.cuda_graph_max_bs = 160
+        if not on_gpu:
+            self.disable_cuda_graph = True
+
+    def _handle_model_specific_adjustments(self) -> None:
+        """Resolve `auto` backends from the model's architecture, its quantization and the GPU."""
+        info = _read_model_info(self)
+        if info is None:
+            architectures, quantization = [], self.quantization
+        else:
+            architectures, quantization = info
+            if self.quantization is None:
+                self.quantization = quantization
+        sm = utils.get_device_sm() if self.device == "cuda" else 0
+        if set(architectures) & set(GEMMA4_ARCHITECTURES):
+            self.moe_runner_backend = _gemma4_moe_backend(self.moe_runner_backend, self.device, sm, quantization)
+        elif self.moe_runner_backend == "auto":
+            self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
+        _check_moe_backend_possible(self.moe_runner_backend, self.device, sm)
+
+    # ---------------------------------------------------------------- CLI
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(ServerArgs)
+        for f in dataclasses.fields(ServerArgs):
+            flags = [f"--{_flag(f.name)}", *f.metadata.get("aliases", ())]
+            kind = _scalar_type(hints[f.name])
+            kw: dict = {"dest": f.name, "help": f.metadata.get("help")}
+            if kind is bool:
+                kw["action"] = "store_true"
+            else:
+                kw["type"] = kind
+                if f.metadata.get("choices"):
+                    kw["choices"] = list(f.metadata["choices"])
+            if f.default is dataclasses.MISSING:
+                kw["required"] = True
+            else:
+                kw["default"] = f.default
+            parser.add_argument(*flags, **kw)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def prepare_server_args(argv: list[str]) -> ServerArgs:
+    """Parse a command line into resolved ServerArgs; bad values end with an argparse error."""
+    parser = argparse.ArgumentParser(prog="python -m sglang.launch_server")
+    ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return ServerArgs.from_cli_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(args: ServerArgs, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        _check(value is None or value > 0, f"--{_flag(name)} must be positive, got {value}")
+
+
+def _scalar_type(hint) -> type:
+    """`int | None` -> int; bool stays bool."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _read_model_info(args: ServerArgs) -> tuple[list[str], str | None] | None:
+    """(architectures, detected quantization) from the checkpoint's config files.
+
+    A model that cannot be located yet (an unreachable hub id) resolves generically with a warning;
+    the loader reports the real problem later. A config that is found but wrong raises here.
+    """
+    from sglang.srt.configs.model_config import ModelConfig
+
+    try:
+        config = ModelConfig(args.model_path, revision=args.revision, quantization=args.quantization, download_dir=args.download_dir)
+    except (FileNotFoundError, RuntimeError, OSError) as e:
+        logger.warning("could not read the model config of %s (%s); backends resolve without it", args.model_path, e)
+        return None
+    return config.architectures, config.quantization
+
+
+def _gemma4_moe_backend(requested: str, device: str, sm: int, quantization: str | None) -> str:
+    """Gemma 4 expert kernels: the explicit choice, else the fastest one this GPU generation has."""
+    if requested != "auto":
+        return requested
+    if device != "cuda":
+        return "torch"
+    if quantization == "modelopt_fp4":
+        if sm // 10 == 10:  # SM100 family (B200/GB200 100, B300 103): TRT-LLM-gen NVFP4 MoE kernels
+            return "flashinfer_trtllm"
+        if sm >= 80:  # Ampere/Hopper (and consumer Blackwell SM120): Triton W4A16 kernels
+            return "triton"
+        logger.warning("GPU SM%d is older than SM80; NVFP4 experts use the torch reference runner", sm)
+        return "torch"
+    return "triton"
+
+
+def _check_moe_backend_possible(backend: str, device: str, sm: int) -> None:
+    if backend == "flashinfer_trtllm":
+        _check(device == "cuda", "--moe-runner-backend flashinfer_trtllm needs a GPU; use torch on CPU")
+        _check(
+            sm // 10 == 10,
+            f"--moe-runner-backend flashinfer_trtllm needs an SM100-family GPU (B200/GB200/B300); this GPU "
+            f"is SM{sm}, whose NVFP4 MoE path is --moe-runner-backend triton",
+        )
+    if backend == "triton":
+        _check(device == "cuda", "--moe-runner-backend triton needs a GPU; use torch on CPU")

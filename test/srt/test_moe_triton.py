@@ -1,0 +1,239 @@
+"""Triton fused-MoE (bf16 + W4A16 NVFP4) and the NVFP4 dense linear against the exact torch reference.
+
+On a CPU host the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set below before the
+kernels are imported) at tiny shapes; on a GPU host the same checks run at the real Gemma 4 shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sglang.srt.layers.moe.fused_moe_triton.configs import MoeTileConfig, get_moe_config, tile  # noqa: E402
+from sglang.srt.layers.moe.fused_moe_triton.fused_moe import moe_align  # noqa: E402
+from sglang.srt.layers.moe.moe_runner.base import get_moe_runner  # noqa: E402
+from sglang.srt.layers.moe.topk import TopKOutput, gemma4_topk  # noqa: E402
+from sglang.srt.layers.quantization.fp4_utils import dequantize_nvfp4, quantize_nvfp4  # noqa: E402
+from sglang.srt.layers.quantization.nvfp4_linear_triton import nvfp4_linear  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-2
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[E, N, K] -> packed [E, N, K/2], scales [E, N, K/16], global scales [E] (one per expert)."""
+    parts = [quantize_nvfp4(w[e]) for e in range(w.shape[0])]
+    return tuple(torch.stack(p) for p in zip(*parts))
+
+
+def make_moe_layer(
+    num_experts: int, hidden: int, inter: int, top_k: int, weight_format: str,
+    activation: str = "gelu_pytorch_tanh", device: str = DEV,
+) -> torch.nn.Module:  # fmt: skip
+    """A stand-in for FusedMoE carrying exactly the attributes a runner reads; gate and up get
+    different magnitudes so their NVFP4 global scales differ."""
+    layer = torch.nn.Module()
+    layer.num_experts, layer.top_k, layer.hidden_size = num_experts, top_k, hidden
+    layer.intermediate_size_per_partition, layer.activation = inter, activation
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    gate = torch.randn(num_experts, inter, hidden, generator=gen) * 0.05
+    up = torch.randn(num_experts, inter, hidden, generator=gen) * 0.02
+    down = torch.randn(num_experts, hidden, inter, generator=gen) * 0.03
+
+    def param(t: torch.Tensor) -> torch.nn.Parameter:
+        return torch.nn.Parameter(t.to(device), requires_grad=False)
+
+    if weight_format == "bf16":
+        layer.w13_weight = param(torch.cat([gate, up], 1).bfloat16())
+        layer.w2_weight = param(down.bfloat16())
+        return layer
+    pg, sg, gg = _quantize_experts(gate)
+    pu, su, gu = _quantize_experts(up)
+    p2, s2, g2 = _quantize_experts(down)
+    layer.w13_weight = param(torch.cat([pg, pu], 1))
+    layer.w13_weight_scale = param(torch.cat([sg, su], 1))
+    layer.w13_weight_scale_2 = param(torch.stack([gg, gu], 1))
+    layer.w2_weight, layer.w2_weight_scale, layer.w2_weight_scale_2 = param(p2), param(s2), param(g2)
+    layer.w13_input_scale = param(torch.ones(num_experts, 2))
+    layer.w2_input_scale = param(torch.ones(num_experts))
+    return layer
+
+
+def make_routing(num_tokens: int, num_experts: int, top_k: int, skewed: bool, device: str = DEV) -> TopKOutput:
+    logits = torch.randn(num_tokens, num_experts, device=device)
+    if skewed:
+        # Two hot experts take most tokens; every third expert gets none.
+        logits[:, :2] += 4.0
+        logits[:, 2::3] = -1e4
+        if num_experts - len(range(2, num_experts, 3)) < top_k:
+            logits[:, 2::3] = -1e3 - torch.arange(len(range(2, num_experts, 3)), device=device).float()
+    per_expert_scale = torch.rand(num_experts, device=device) + 0.5
+    return gemma4_topk(logits, top_k, per_expert_scale)
+
+
+def reference(layer: torch.nn.Module, x: torch.Tensor, topk: TopKOutput, weight_format: str) -> torch.Tensor:
+    """The torch runner fed fp32 activations (bit-equal to x), so its output is not rounded to bf16."""
+    return get_moe_runner("torch", weight_format).apply(layer, x.float(), topk)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or poisoned element)"
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def run_triton(layer, x, topk, weight_format, config: MoeTileConfig | None = None) -> torch.Tensor:
+    runner = get_moe_runner("triton", weight_format)
+    runner.process_weights_after_loading(layer)
+    if config is None:
+        return runner.apply(layer, x, topk)
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import fused_experts
+
+    return fused_experts(x, runner._weights(layer), topk.topk_weights, topk.topk_ids, layer.activation, config)
+
+
+def _poison_allocator():
+    """Fill freshly allocated CUDA memory with NaN so unwritten outputs cannot pass."""
+    if torch.cuda.is_available():
+        junk = torch.full((64 << 20,), float("nan"), dtype=torch.float32, device="cuda")
+        del junk
+
+
+# ---------------------------------------------------------------- CPU (interpreter) and GPU
+
+
+def test_align_is_a_padded_permutation():
+    num_experts, block_m = 7, 4
+    ids = torch.randint(0, num_experts, (11, 3), dtype=torch.int32, device=DEV)
+    ids[:, 0] = 1  # one hot expert; experts with no tokens are likely too
+    a = moe_align(ids, num_experts, block_m)
+    total = int(a.num_padded)
+    counts = torch.bincount(ids.flatten().long().cpu(), minlength=num_experts)
+    assert total == int(((counts + block_m - 1) // block_m * block_m).sum())
+    sorted_ids = a.sorted_ids[:total].cpu()
+    real = sorted_ids[sorted_ids < ids.numel()]
+    assert sorted(real.tolist()) == list(range(ids.numel()))
+    assert (a.sorted_ids[total:].cpu() == ids.numel()).all()
+    experts = a.block_expert.cpu()
+    flat = ids.flatten().cpu()
+    for slot, pair in enumerate(sorted_ids.tolist()):
+        if pair < ids.numel():
+            assert flat[pair] == experts[slot // block_m]
+    assert (experts[total // block_m :] == -1).all()
+
+
+# (E, H, I, M, top_k, skewed, activation): E not a power of two, I not a tile multiple, top-k 1..8.
+_TINY_CASES = [
+    (5, 64, 48, 7, 3, False, "gelu_pytorch_tanh"),
+    (6, 32, 80, 9, 1, True, "gelu_pytorch_tanh"),
+    (9, 64, 32, 3, 8, True, "silu"),
+]
+_TINY_CFG = MoeTileConfig(16, tile(32, 32, 4, 2, 1), tile(32, 32, 4, 2, 0))
+
+
+@pytest.mark.parametrize("case", _TINY_CASES)
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+def test_fused_moe_tiny(case, weight_format):
+    num_experts, hidden, inter, m, top_k, skewed, act = case
+    layer = make_moe_layer(num_experts, hidden, inter, top_k, weight_format, act)
+    x = torch.randn(m, hidden, device=DEV).bfloat16()
+    topk = make_routing(m, num_experts, top_k, skewed)
+    cfg = _TINY_CFG if DEV == "cpu" else None
+    out = run_triton(layer, x, topk, weight_format, cfg)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out, reference(layer, x, topk, weight_format)) <= TOL
+
+
+def test_gate_and_up_scales_are_kept_apart():
+    """Swapping the two global scales must change the result: each half uses its own scale."""
+    layer = make_moe_layer(4, 32, 32, 2, "nvfp4")
+    assert not torch.allclose(layer.w13_weight_scale_2[:, 0], layer.w13_weight_scale_2[:, 1])
+    x = torch.randn(5, 32, device=DEV).bfloat16()
+    topk = make_routing(5, 4, 2, False)
+    cfg = MoeTileConfig(16, tile(16, 32, 4, 2, 0), tile(16, 32, 4, 2, 1))
+    out = run_triton(layer, x, topk, "nvfp4", cfg)
+    assert rel_err(out, reference(layer, x, topk, "nvfp4")) <= TOL
+    layer.w13_weight_scale_2.data = layer.w13_weight_scale_2.data.flip(1).contiguous()
+    swapped = run_triton(layer, x, topk, "nvfp4", cfg)
+    assert rel_err(swapped, out) > 0.05
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 48, 64), (17, 32, 96)])
+def test_nvfp4_linear(m, n, k):
+    w = torch.randn(n, k) * 0.1
+    packed, scale, gs = quantize_nvfp4(w)
+    x = torch.randn(m, k, device=DEV).bfloat16()
+    y = nvfp4_linear(x, packed.to(DEV), scale.to(DEV), gs.to(DEV))
+    ref = x.float() @ dequantize_nvfp4(packed, scale, gs).to(DEV).t()
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert rel_err(y, ref) <= TOL
+
+
+# ---------------------------------------------------------------- GPU only, real and awkward shapes
+
+
+@gpu_only
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+@pytest.mark.parametrize("m", [1, 4, 16, 64, 256, 1024, 4096, 8192])
+def test_real_shapes(weight_format, m):
+    layer = make_moe_layer(128, 2816, 704, 8, weight_format)
+    x = torch.randn(m, 2816, device="cuda").bfloat16()
+    topk = make_routing(m, 128, 8, skewed=(m % 3 == 1))
+    _poison_allocator()
+    out = run_triton(layer, x, topk, weight_format)
+    # The reference loops over experts in fp32; cap its cost by checking a row subset at large M.
+    rows = torch.arange(m, device="cuda") if m <= 1024 else torch.randperm(m, device="cuda")[:512]
+    sub = TopKOutput(topk.topk_weights[rows], topk.topk_ids[rows], topk.router_logits[rows])
+    assert rel_err(out[rows], reference(layer, x[rows], sub, weight_format)) <= TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+@pytest.mark.parametrize(
+    "num_experts,hidden,inter,m,top_k,skewed",
+    [(60, 512, 176, 333, 4, True), (7, 256, 96, 8192, 1, True), (33, 384, 208, 1, 8, False), (128, 2816, 704, 77, 2, True)],
+)
+def test_awkward_shapes(weight_format, num_experts, hidden, inter, m, top_k, skewed):
+    layer = make_moe_layer(num_experts, hidden, inter, top_k, weight_format, "silu" if top_k == 4 else "gelu_pytorch_tanh")
+    x = torch.randn(m, hidden, device="cuda").bfloat16()
+    topk = make_routing(m, num_experts, top_k, skewed)
+    _poison_allocator()
+    out = run_triton(layer, x, topk, weight_format)
+    assert rel_err(out, reference(layer, x, topk, weight_format)) <= TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+@pytest.mark.parametrize("swap", [0, 1])
+@pytest.mark.parametrize("block_m", [16, 64, 128])
+def test_forced_tiles(weight_format, swap, block_m):
+    """Every tile family the tables may pick, at a shape where I is not a multiple of the tile."""
+    layer = make_moe_layer(20, 512, 176, 4, weight_format)
+    x = torch.randn(300, 512, device="cuda").bfloat16()
+    topk = make_routing(300, 20, 4, True)
+    cfg = MoeTileConfig(block_m, tile(64, 128, 4, 3, swap), tile(128, 64, 8, 3, swap))
+    out = run_triton(layer, x, topk, weight_format, cfg)
+    assert rel_err(out, reference(layer, x, topk, weight_format)) <= TOL
+
+
+@gpu_only
+@pytest.mark.parametrize("m", [1, 7, 64, 1000])
+def test_nvfp4_linear_gpu(m):
+    n, k = 2816, 2112
+    w = torch.randn(n, k, device="cuda") * 0.02
+    packed, scale, gs = quantize_nvfp4(w)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    y = nvfp4_linear(x, packed, scale, gs)
+    ref = x.float() @ dequantize_nvfp4(packed, scale, gs).t()
+    assert rel_err(y, ref) <= TOL
+
+
+def test_config_lookup_has_a_default():
+    cfg = get_moe_config(3, 17, 96, 80, 2, "nvfp4")
+    assert cfg.block_m in (16, 32, 64, 128)
