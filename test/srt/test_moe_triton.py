@@ -42,13 +42,12 @@ def make_moe_layer(
     layer = torch.nn.Module()
     layer.num_experts, layer.top_k, layer.hidden_size = num_experts, top_k, hidden
     layer.intermediate_size_per_partition, layer.activation = inter, activation
-    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
-    gate = torch.randn(num_experts, inter, hidden, generator=gen) * 0.05
-    up = torch.randn(num_experts, inter, hidden, generator=gen) * 0.02
-    down = torch.randn(num_experts, hidden, inter, generator=gen) * 0.03
+    gate = torch.randn(num_experts, inter, hidden, device=device) * 0.05
+    up = torch.randn(num_experts, inter, hidden, device=device) * 0.02
+    down = torch.randn(num_experts, hidden, inter, device=device) * 0.03
 
     def param(t: torch.Tensor) -> torch.nn.Parameter:
-        return torch.nn.Parameter(t.to(device), requires_grad=False)
+        return torch.nn.Parameter(t, requires_grad=False)
 
     if weight_format == "bf16":
         layer.w13_weight = param(torch.cat([gate, up], 1).bfloat16())

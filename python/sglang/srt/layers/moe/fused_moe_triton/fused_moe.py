@@ -92,11 +92,15 @@ def _launch_kwargs(t: GemmTile) -> dict:
 
 
 def moe_gemm1(
-    x: torch.Tensor, w: ExpertWeights, aligned: AlignedTokens, top_k: int, activation: str, t: GemmTile
-) -> torch.Tensor:
-    """h [slots, I] bf16 = act(x W_gate^T * gs_gate) * (x W_up^T * gs_up), rows in sorted order."""
+    x: torch.Tensor, w: ExpertWeights, aligned: AlignedTokens, top_k: int, activation: str, t: GemmTile,
+    fuse_act: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """h [slots, I] bf16 = act(x W_gate^T * gs_gate) * (x W_up^T * gs_up), rows in sorted order.
+
+    fuse_act=False returns [slots, 2I] (scaled gate | scaled up) for `unfused_activation`."""
     inter, hidden = w.inter, x.shape[1]
-    h = torch.empty(aligned.max_blocks * aligned.block_m, inter, dtype=torch.bfloat16, device=x.device)
+    width = inter if fuse_act else 2 * inter
+    h = torch.empty(aligned.max_blocks * aligned.block_m, width, dtype=torch.bfloat16, device=x.device)
     scale = w.w13_scale if w.is_fp4 else w.w13
     gs = w.w13_scale_2 if w.is_fp4 else w.w13
     grid = (aligned.max_blocks * triton.cdiv(inter, t.block_n),)
@@ -104,9 +108,19 @@ def moe_gemm1(
         x, w.w13, scale, gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         x.shape[0] * top_k, top_k, inter, hidden,
         x.stride(0), w.w13.stride(0), w.w13.stride(1), scale.stride(0), scale.stride(1), h.stride(0),
-        BM=aligned.block_m, W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], **_launch_kwargs(t),
+        BM=aligned.block_m, W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act,
+        **_launch_kwargs(t),
     )  # fmt: skip
     return h
+
+
+def unfused_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """The separate-kernel alternative to the fused epilogue (benchmark comparison only)."""
+    from sglang.srt.layers.activation import get_act_fn
+
+    inter = gate_up.shape[1] // 2
+    g, u = gate_up[:, :inter].float(), gate_up[:, inter:].float()
+    return (get_act_fn(activation)(g) * u).to(torch.bfloat16)
 
 
 def moe_gemm2(
@@ -135,8 +149,11 @@ def fused_experts(
     topk_ids: torch.Tensor,
     activation: str = "gelu_pytorch_tanh",
     config: MoeTileConfig | None = None,
+    fuse_act: bool = True,
 ) -> torch.Tensor:
-    """sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) -> [M, H] in x.dtype."""
+    """sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) -> [M, H] in x.dtype.
+
+    fuse_act=False runs the activation as separate kernels (only for measuring the fusion)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported MoE activation {activation!r}; supported: {sorted(_ACTIVATIONS)}")
     num_tokens, top_k = topk_ids.shape
@@ -145,7 +162,9 @@ def fused_experts(
         config = get_moe_config(num_tokens, w.num_experts, w.hidden, w.inter, top_k, fmt)
     x = x.contiguous()
     aligned = moe_align(topk_ids, w.num_experts, config.block_m)
-    h = moe_gemm1(x, w, aligned, top_k, activation, config.gemm1)
+    h = moe_gemm1(x, w, aligned, top_k, activation, config.gemm1, fuse_act)
+    if not fuse_act:
+        h = unfused_activation(h, activation)
     if top_k == 1:
         # One pair per token: the pair rows are the output rows.
         return moe_gemm2(h, w, aligned, topk_weights, torch.empty_like(x), config.gemm2)

@@ -194,10 +194,13 @@ def moe_gemm1_kernel(
     W_FP4: tl.constexpr,
     ACT: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    FUSE_ACT: tl.constexpr = True,
 ):
     """h[slot, n] = act(gs_gate * x W_gate^T) * (gs_up * x W_up^T) for one [BM, BN] tile.
 
     w: [E, 2N, K] (bf16) or [E, 2N, K/2] (packed FP4) with gate rows [0, N), up rows [N, 2N).
+    FUSE_ACT=False instead stores the scaled gate and up as h[slot, n] and h[slot, N + n] (h is then
+    [slots, 2N]) for a separate activation pass; kept to measure what the fusion saves.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
@@ -236,9 +239,13 @@ def moe_gemm1_kernel(
         # Gate and up carry their own global scales; keep both exact in fp32.
         g = g * tl.load(gs_ptr + expert * 2)
         u = u * tl.load(gs_ptr + expert * 2 + 1)
-    h = _activation(g, ACT) * u
     h_ptrs = h_ptr + slots[:, None].to(tl.int64) * stride_hm + offs_n[None, :]
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
+    if FUSE_ACT:
+        h = _activation(g, ACT) * u
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
+    else:
+        tl.store(h_ptrs, g.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
+        tl.store(h_ptrs + N, u.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
 
 
 @triton.jit

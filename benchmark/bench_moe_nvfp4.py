@@ -1,0 +1,351 @@
+"""Benchmark (and tile tuning) of the Triton fused-MoE path, NVFP4 vs bf16 experts, on one GPU.
+
+  python benchmark/bench_moe_nvfp4.py            # table with the configured tiles (configs.py)
+  python benchmark/bench_moe_nvfp4.py --tune     # sweep tiles per M first and use the best ones
+
+Shapes: E=128, H=2816, I=704, top-8 (Gemma 4 26B-A4B), random weights, random routing.
+Timing: each point captures R calls with R different routings (and inputs) in one CUDA graph and
+replays it (serving decodes under CUDA graphs; varying the routing keeps the touched experts from
+sitting in L2 between calls); median over replays, divided by R. Ceilings measured in the same run:
+device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul.
+Writes results JSON (and the tuned table) to $OUT or --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+E, H, I, TOP_K = 128, 2816, 704, 8
+M_LIST = [1, 4, 16, 64, 256, 1024, 4096, 8192]
+ACT = "gelu_pytorch_tanh"
+ROUTINGS = 8  # calls per graph, each with its own routing
+
+# Tile candidates (block_n, block_k, num_warps, num_stages, swap_ab) for the sweep.
+SMALL_TILES = [
+    (32, 128, 4, 4, 1), (64, 128, 4, 4, 1), (32, 256, 4, 3, 1), (64, 256, 4, 3, 1),
+    (16, 256, 4, 4, 1), (32, 128, 4, 4, 0), (64, 128, 4, 4, 0), (128, 128, 4, 3, 1),
+]  # fmt: skip
+LARGE_TILES = [
+    (64, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 128, 4, 3, 0),
+    (128, 64, 4, 4, 0), (128, 64, 8, 4, 1), (64, 128, 4, 4, 1), (256, 64, 8, 3, 0),
+]  # fmt: skip
+
+
+def block_m_candidates(m: int) -> list[int]:
+    per_expert = m * TOP_K / E
+    if per_expert <= 4:
+        return [16]
+    if per_expert <= 16:
+        return [16, 32]
+    if per_expert <= 64:
+        return [32, 64]
+    return [64, 128]
+
+
+def tiles_for(block_m: int) -> list[tuple]:
+    return SMALL_TILES if block_m <= 32 else LARGE_TILES
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_weights(fmt: str, init: bool):
+    """ExpertWeights at the real shapes; init=False leaves memory uninitialised (compile-only use)."""
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights
+    from sglang.srt.layers.quantization.fp4_utils import quantize_nvfp4
+
+    dev = "cuda"
+    if fmt == "bf16":
+        if not init:
+            return ExpertWeights(torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device=dev),
+                                 torch.empty(E, H, I, dtype=torch.bfloat16, device=dev))  # fmt: skip
+        return ExpertWeights((torch.randn(E, 2 * I, H, device=dev) * 0.03).bfloat16(),
+                             (torch.randn(E, H, I, device=dev) * 0.03).bfloat16())  # fmt: skip
+    if not init:
+        u8, f8 = torch.uint8, torch.float8_e4m3fn
+        return ExpertWeights(
+            torch.empty(E, 2 * I, H // 2, dtype=u8, device=dev), torch.empty(E, H, I // 2, dtype=u8, device=dev),
+            torch.empty(E, 2 * I, H // 16, dtype=f8, device=dev), torch.empty(E, H, I // 16, dtype=f8, device=dev),
+            torch.ones(E, 2, device=dev), torch.ones(E, device=dev),
+        )  # fmt: skip
+
+    def quant(rows: int, cols: int, std: float):
+        parts = [quantize_nvfp4(torch.randn(rows, cols, device=dev) * std) for _ in range(E)]
+        return [torch.stack(p) for p in zip(*parts)]
+
+    pg, sg, gg = quant(I, H, 0.05)
+    pu, su, gu = quant(I, H, 0.02)
+    p2, s2, g2 = quant(H, I, 0.03)
+    return ExpertWeights(torch.cat([pg, pu], 1), p2, torch.cat([sg, su], 1), s2, torch.stack([gg, gu], 1), g2)
+
+
+def expert_bytes(fmt: str) -> int:
+    """Bytes one expert's weights (+ block and global scales for NVFP4) occupy."""
+    if fmt == "bf16":
+        return 2 * 3 * I * H
+    return 3 * I * H // 2 + 3 * I * H // 16 + 3 * 4
+
+
+def make_routings(m: int, seed: int):
+    from sglang.srt.layers.moe.topk import gemma4_topk
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    out = []
+    for _ in range(ROUTINGS):
+        logits = torch.randn(m, E, device="cuda", generator=gen)
+        scale = torch.rand(E, device="cuda", generator=gen) + 0.5
+        out.append((torch.randn(m, H, device="cuda", generator=gen).bfloat16(), gemma4_topk(logits, TOP_K, scale)))
+    return out
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_graph(calls: list[Callable[[], object]], replays: int = 10) -> float:
+    """Seconds per call: all calls captured in one CUDA graph, median over replays."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        graph.replay()
+        t1.record()
+        torch.cuda.synchronize()
+        times.append(t0.elapsed_time(t1) / 1e3)
+    del graph
+    return statistics.median(times) / len(calls)
+
+
+def time_eager(fn: Callable[[], object], reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings() -> dict:
+    n = 1 << 30
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t_copy = time_graph([lambda: b.copy_(a)] * 4)
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda").bfloat16()
+    y = torch.randn(8192, 8192, device="cuda").bfloat16()
+    t_mm = time_graph([lambda: x @ y] * 4)
+    return {"copy_bw_Bps": 2 * n / t_copy, "bf16_mm_flops": 2 * 8192**3 / t_mm}
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def _jobs() -> list[tuple]:
+    jobs = []
+    for fmt in ("nvfp4", "bf16"):
+        for m in M_LIST:
+            for bm in block_m_candidates(m):
+                jobs.append((fmt, m, bm, "align", None))
+                for t in tiles_for(bm):
+                    jobs.append((fmt, m, bm, "g1", t))
+                    jobs.append((fmt, m, bm, "g2", t))
+    return jobs
+
+
+_WORKER_STATE: dict = {}
+
+
+def _compile_job(job: tuple) -> str:
+    """Launch one kernel variant once on uninitialised data so Triton compiles it into its disk cache."""
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
+    from sglang.srt.layers.moe.fused_moe_triton.configs import tile
+
+    fmt, m, bm, kind, t = job
+    if fmt not in _WORKER_STATE:
+        _WORKER_STATE.clear()
+        _WORKER_STATE[fmt] = make_weights(fmt, init=False)
+    w = _WORKER_STATE[fmt]
+    ids = torch.randint(0, E, (m, TOP_K), dtype=torch.int32, device="cuda")
+    try:
+        aligned = fm.moe_align(ids, E, bm)
+        if kind == "g1":
+            fm.moe_gemm1(torch.randn(m, H, device="cuda").bfloat16(), w, aligned, TOP_K, ACT, tile(*t))
+        elif kind == "g2":
+            h = torch.zeros(aligned.max_blocks * bm, I, dtype=torch.bfloat16, device="cuda")
+            out = torch.empty(m * TOP_K, H, dtype=torch.bfloat16, device="cuda")
+            fm.moe_gemm2(h, w, aligned, torch.rand(m, TOP_K, device="cuda"), out, tile(*t))
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:  # a tile that does not fit (shared memory, registers) is skipped
+        return f"fail {job}: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def precompile(workers: int) -> None:
+    jobs = _jobs()
+    # Group by format so each worker holds one weight set at a time.
+    jobs.sort(key=lambda j: j[0])
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        fails = [r for r in pool.imap_unordered(_compile_job, jobs, chunksize=4) if r != "ok"]
+    print(f"precompiled {len(jobs)} variants in {time.time() - t0:.0f}s with {workers} workers; {len(fails)} failed")
+    for f in fails[:10]:
+        print("  ", f)
+
+
+def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
+    """Best (block_m, gemm1 tile, gemm2 tile) for one M, timing each GEMM over all candidates."""
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
+    from sglang.srt.layers.moe.fused_moe_triton.configs import tile
+
+    log, best = {}, None
+    for bm in block_m_candidates(m):
+        aligned = [fm.moe_align(r.topk_ids, E, bm) for _, r in routings]
+        t_align = time_graph([lambda r=r: fm.moe_align(r.topk_ids, E, bm) for _, r in routings])
+        g1 = {}
+        for t in tiles_for(bm):
+            try:
+                g1[t] = time_graph([lambda x=x, a=a, t=t: fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t))
+                                    for (x, _), a in zip(routings, aligned)])  # fmt: skip
+            except Exception:
+                g1[t] = float("inf")
+        t1 = min(g1, key=g1.get)
+        hs = [fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t1)) for (x, _), a in zip(routings, aligned)]
+        outs = [torch.empty(m * TOP_K, H, dtype=torch.bfloat16, device="cuda") for _ in routings]
+        g2 = {}
+        for t in tiles_for(bm):
+            try:
+                g2[t] = time_graph([lambda h=h, a=a, r=r, o=o, t=t: fm.moe_gemm2(h, w, a, r.topk_weights, o, tile(*t))
+                                    for h, a, (_, r), o in zip(hs, aligned, routings, outs)])  # fmt: skip
+            except Exception:
+                g2[t] = float("inf")
+        t2 = min(g2, key=g2.get)
+        total = t_align + g1[t1] + g2[t2]
+        log[bm] = {"align_us": t_align * 1e6, "gemm1_us": {str(k): v * 1e6 for k, v in g1.items()},
+                   "gemm2_us": {str(k): v * 1e6 for k, v in g2.items()}}  # fmt: skip
+        if best is None or total < best[0]:
+            best = (total, bm, t1, t2)
+    _, bm, t1, t2 = best
+    return {"block_m": bm, "gemm1": t1, "gemm2": t2}, log
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def bench_layer(fmt: str, w, m: int, routings, cfg, fuse_act: bool = True) -> float:
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import fused_experts
+
+    return time_graph([lambda x=x, r=r: fused_experts(x, w, r.topk_weights, r.topk_ids, ACT, cfg, fuse_act)
+                       for x, r in routings])  # fmt: skip
+
+
+def torch_reference_time(fmt: str, w, m: int, routings) -> float:
+    from sglang.srt.layers.moe.moe_runner.base import get_moe_runner
+
+    layer = torch.nn.Module()
+    layer.intermediate_size_per_partition, layer.activation = I, ACT
+    layer.w13_weight, layer.w2_weight = w.w13, w.w2
+    if fmt == "nvfp4":
+        layer.w13_weight_scale, layer.w2_weight_scale = w.w13_scale, w.w2_scale
+        layer.w13_weight_scale_2, layer.w2_weight_scale_2 = w.w13_scale_2, w.w2_scale_2
+    runner = get_moe_runner("torch", fmt)
+    x, r = routings[0]
+    return time_eager(lambda: runner.apply(layer, x, r))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--ref-max-m", type=int, default=64, help="largest M for the (slow) torch reference")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    from sglang.srt.layers.moe.fused_moe_triton.configs import MoeTileConfig, device_key, get_moe_config, tile
+
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}  triton {__import__('triton').__version__}  torch {torch.__version__}")
+    if args.tune:
+        precompile(args.workers)
+    ceil = measure_ceilings()
+    print(f"copy {ceil['copy_bw_Bps'] / 1e12:.2f} TB/s   bf16 matmul {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
+
+    results = {"card": card, "device_key": device_key(), "ceilings": ceil, "shape": [E, H, I, TOP_K], "points": []}
+    tuned = {}
+    for fmt in ("nvfp4", "bf16"):
+        w = make_weights(fmt, init=True)
+        for m in M_LIST:
+            routings = make_routings(m, seed=m)
+            if args.tune:
+                best, log = tune_point(fmt, w, m, routings)
+                cfg = MoeTileConfig(best["block_m"], tile(*best["gemm1"]), tile(*best["gemm2"]))
+                tuned.setdefault(fmt, []).append((m, best))
+                results.setdefault("sweeps", {})[f"{fmt}/{m}"] = log
+            else:
+                cfg = get_moe_config(m, E, H, I, TOP_K, fmt)
+            t = bench_layer(fmt, w, m, routings, cfg)
+            touched = statistics.mean(len(torch.unique(r.topk_ids)) for _, r in routings)
+            nbytes = touched * expert_bytes(fmt)
+            flops = 2 * 3 * m * TOP_K * I * H
+            point = {
+                "fmt": fmt, "m": m, "time_us": t * 1e6, "experts_touched": touched, "bytes": nbytes,
+                "eff_bw_Bps": nbytes / t, "bw_ratio": nbytes / t / ceil["copy_bw_Bps"],
+                "floor_ratio": t / (nbytes / ceil["copy_bw_Bps"]), "tflops": flops / t / 1e12,
+                "mm_ratio": flops / t / ceil["bf16_mm_flops"],
+                "config": [cfg.block_m, cfg.gemm1.as_tuple(), cfg.gemm2.as_tuple()],
+            }  # fmt: skip
+            if m in (1, 64, 1024, 8192):
+                point["unfused_act_us"] = bench_layer(fmt, w, m, routings, cfg, fuse_act=False) * 1e6
+            if m <= args.ref_max_m:
+                point["torch_ref_us"] = torch_reference_time(fmt, w, m, routings) * 1e6
+            results["points"].append(point)
+            print(json.dumps(point), flush=True)
+        del w
+        torch.cuda.empty_cache()
+    results["tuned"] = tuned
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_moe_nvfp4.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    ceil = results["ceilings"]
+    print(f"\n{results['card']}: copy {ceil['copy_bw_Bps'] / 1e12:.2f} TB/s, "
+          f"bf16 mm {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s; E={E} H={H} I={I} top-{TOP_K}")  # fmt: skip
+    by = {(p["fmt"], p["m"]): p for p in results["points"]}
+    print(f"{'M':>5} | {'fp4 us':>8} {'GB/s':>6} {'%copy':>6} {'xfloor':>6} {'TF/s':>6} {'%mm':>5} | "
+          f"{'bf16 us':>8} {'%copy':>6} {'TF/s':>6} | {'fp4/bf16':>8} | {'unfused':>8} | {'torch ref':>9}")  # fmt: skip
+    for m in M_LIST:
+        f, b = by.get(("nvfp4", m)), by.get(("bf16", m))
+        if not f or not b:
+            continue
+        ref = f.get("torch_ref_us")
+        unf = f.get("unfused_act_us")
+        print(f"{m:>5} | {f['time_us']:>8.1f} {f['eff_bw_Bps'] / 1e9:>6.0f} {100 * f['bw_ratio']:>5.0f}% "
+              f"{f['floor_ratio']:>6.2f} {f['tflops']:>6.1f} {100 * f['mm_ratio']:>4.0f}% | "
+              f"{b['time_us']:>8.1f} {100 * b['bw_ratio']:>5.0f}% {b['tflops']:>6.1f} | "
+              f"{f['time_us'] / b['time_us']:>8.2f} | {(f'{unf:.1f}' if unf else '-'):>8} | "
+              f"{(f'{ref:.0f}' if ref else '-'):>9}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""A request's life inside the scheduler (Req) and one model step over several requests (ScheduleBatch).
+
+KV bookkeeping invariant: `req.kv_len` tokens of `req.fill_ids` have KV in the pool, and
+`req_to_token[req.req_pool_idx, :kv_len]` lists their slots. The first `len(req.prefix_indices)` of
+those slots belong to the radix tree (locked via `req.last_node`); the rest are the request's own. A
+decoding request always has kv_len == len(fill_ids) - 1: the newest sampled token gets its KV in the
+next step, when it is the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+_EMPTY = torch.empty((0,), dtype=torch.int64)
+
+
+# ------------------------------------------------------------------ finish reasons
+
+
+@dataclass
+class FinishReason:
+    def to_json(self) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class FINISH_MATCHED_TOKEN(FinishReason):
+    matched: int
+
+    def to_json(self) -> dict:
+        return {"type": "stop", "matched": self.matched}
+
+
+@dataclass
+class FINISH_MATCHED_STR(FinishReason):
+    matched: str
+
+    def to_json(self) -> dict:
+        return {"type": "stop", "matched": self.matched}
+
+
+@dataclass
+class FINISH_LENGTH(FinishReason):
+    length: int
+
+    def to_json(self) -> dict:
+        return {"type": "length", "length": self.length}
+
+
+@dataclass
+class FINISH_ABORT(FinishReason):
+    message: str = "aborted"
+    status_code: int | None = None  # set when the abort is the client's fault (e.g. 400)
+
+    def to_json(self) -> dict:
+        return {"type": "abort", "message": self.message, "status_code": self.status_code}
+
+
+# ------------------------------------------------------------------ request
+
+
+class Req:
+    def __init__(
+        self,
+        rid: str,
+        input_ids: list[int],
+        sampling_params: SamplingParams,
+        stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        seed: int = 0,
+    ):
+        self.rid = rid
+        self.origin_input_ids = list(input_ids)
+        self.output_ids: list[int] = []
+        self.sampling_params = sampling_params
+        self.stream = stream
+        self.return_logprob = return_logprob
+        self.top_logprobs_num = top_logprobs_num
+        # Own generator: a seeded request samples identically whatever batch it lands in.
+        self.generator = torch.Generator().manual_seed(sampling_params.seed if sampling_params.seed is not None else seed)
+
+        # Memory
+        self.req_pool_idx: int | None = None
+        self.prefix_indices: torch.Tensor = _EMPTY  # slots of the radix-tree prefix this req holds
+        self.last_node = None  # radix node locked for that prefix
+        self.kv_len = 0
+        self.extend_len = 0  # new tokens in the current step
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache (first admission)
+        self.is_first_admission = True
+        self.retractions = 0
+
+        # Output
+        self.finished_reason: FinishReason | None = None
+        self.to_abort: FinishReason | None = None
+        self.sent_len = 0  # output tokens already reported to the TokenizerManager
+        self.token_logprobs: list[tuple[float, int]] = []
+        self.top_logprobs: list[list[tuple[float, int]]] = []
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    def is_prefill_done_after_step(self) -> bool:
+        """Whether this step computes the last missing token, so its logits give the next token."""
+        return self.kv_len + self.extend_len == self.seq_len
+
+    def check_finished(self, eos_ids: set[int], stop_checker=None) -> None:
+        """Set finished_reason after a token was appended."""
+        params, last = self.sampling_params, self.output_ids[-1]
+        if not params.ignore_eos and last in eos_ids:
+            self.finished_reason = FINISH_MATCHED_TOKEN(last)
+        elif last in params.stop_token_ids:
+            self.finished_reason = FINISH_MATCHED_TOKEN(last)
+        elif params.stop and stop_checker is not None and (s := stop_checker(self)) is not None:
+            self.finished_reason = FINISH_MATCHED_STR(s)
+        elif len(self.output_ids) >= params.max_new_tokens:
+            self.finished_reason = FINISH_LENGTH(params.max_new_tokens)
+
+    def reset_for_retract(self) -> None:
+        self.kv_len = 0
+        self.extend_len = 0
+        self.retractions += 1
+
+    def __repr__(self) -> str:
+        return f"Req(rid={self.rid}, in={len(self.origin_input_ids)}, out={len(self.output_ids)}, kv={self.kv_len})"
+
+
+# ------------------------------------------------------------------ batch
+
+
+@dataclass
+class ScheduleBatch:
+    """The requests of one model step and the tensors the ModelRunner needs for it."""
+
+    reqs: list[Req]
+    forward_mode: ForwardMode
+    out_cache_loc: torch.Tensor = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.reqs)
+
+    def input_token_count(self) -> int:
+        return sum(r.extend_len for r in self.reqs)
+
+    def write_req_to_token(self, req_to_token: torch.Tensor) -> None:
+        """Record each new token's slot in its request's row, before the forward reads it."""
+        offset = 0
+        for r in self.reqs:
+            req_to_token[r.req_pool_idx, r.kv_len : r.kv_len + r.extend_len] = self.out_cache_loc[offset : offset + r.extend_len]
+            offset += r.extend_len
+
+    def to_forward_batch(self, device: str | torch.device) -> ForwardBatch:
+        input_ids, positions = [], []
+        for r in self.reqs:
+            fill = r.fill_ids
+            input_ids.extend(fill[r.kv_len : r.kv_len + r.extend_len])
+            positions.extend(range(r.kv_len, r.kv_len + r.extend_len))
+        seq_lens = [r.kv_len + r.extend_len for r in self.reqs]
+        extend_lens = [r.extend_len for r in self.reqs]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        return ForwardBatch(
+            forward_mode=self.forward_mode,
+            input_ids=as_tensor(input_ids),
+            positions=as_tensor(positions),
+            req_pool_indices=as_tensor([r.req_pool_idx for r in self.reqs]),
+            seq_lens=as_tensor(seq_lens),
+            extend_seq_lens=as_tensor(extend_lens),
+            out_cache_loc=self.out_cache_loc.to(device),
+            seq_lens_cpu=seq_lens,
+            extend_seq_lens_cpu=extend_lens,
+        )
+
+    def commit(self) -> None:
+        """After the forward: the new tokens' KV is now in the pool."""
+        for r in self.reqs:
+            r.kv_len += r.extend_len
+            r.extend_len = 0

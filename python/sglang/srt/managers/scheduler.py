@@ -1,0 +1,520 @@
+"""The Scheduler: continuous batching over a paged KV pool with a prefix cache.
+
+Each step runs either one prefill (extend) batch, made of new requests and the next chunk of a
+chunked prefill, or one decode batch of every running request. Prefill goes first when something
+can be admitted (SGLang's default policy). When decode runs out of KV slots, the most recently
+admitted requests are retracted: their KV moves into the radix tree (evictable) and they go back to
+the front of the queue, to resume from whatever of that KV survives.
+
+`Scheduler` is a plain object driven by `step()`, so tests can run it in-process with a fake model
+runner; `run_scheduler_process` wraps it in the ZMQ event loop of the scheduler child process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sglang.srt.layers.sampler import Sampler
+from sglang.srt.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOut,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetInternalStateReq,
+    GetInternalStateReqOutput,
+    ReqOutput,
+    SchedulerCrashed,
+    TokenizedGenerateReqInput,
+)
+from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req, ScheduleBatch
+from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, order_waiting_queue
+from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+logger = logging.getLogger(__name__)
+
+# new_token_ratio: start optimistic, decay towards MIN while decoding, bump up after a retraction.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY_STEPS = 600
+RETRACT_RATIO_BUMP = 0.3
+
+_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_top_k")
+
+
+# ------------------------------------------------------------------ model facts
+
+
+@dataclass
+class MoeGemmConfig:
+    top_k: int | None
+    num_experts: int | None
+
+
+def _cfg_get(cfg: Any, key: str):
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+
+def init_moe_gemm_config(hf_config: Any) -> MoeGemmConfig:
+    """MoE top-k and expert count from an HF config (dict or object), looking in text_config first.
+
+    Exporters spell top-k differently; every known spelling is accepted.
+    """
+    text = _cfg_get(hf_config, "text_config") or hf_config
+    top_k = next((v for k in _TOP_K_KEYS for cfg in (text, hf_config) if (v := _cfg_get(cfg, k)) is not None), None)
+    num_experts = next((v for k in ("num_experts", "num_local_experts", "n_routed_experts") for cfg in (text, hf_config) if (v := _cfg_get(cfg, k)) is not None), None)
+    return MoeGemmConfig(top_k=int(top_k) if top_k is not None else None, num_experts=int(num_experts) if num_experts is not None else None)
+
+
+def _as_id_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(v) for v in (value if isinstance(value, (list, tuple)) else [value])}
+
+
+def eos_token_ids(model_config, tokenizer=None) -> set[int]:
+    ids = _as_id_set(_cfg_get(model_config.hf_text_config, "eos_token_id"))
+    ids |= _as_id_set((model_config.hf_generation_config or {}).get("eos_token_id"))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def sampling_defaults(model_config) -> dict:
+    gen = model_config.hf_generation_config or {}
+    return {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p", "do_sample") if k in gen}
+
+
+# ------------------------------------------------------------------ scheduler
+
+
+class Scheduler:
+    def __init__(self, server_args, model_runner=None, tokenizer=None):
+        self.server_args = server_args
+        if model_runner is None:
+            from sglang.srt.model_executor.model_runner import ModelRunner
+
+            model_runner = ModelRunner(server_args)
+        self.model_runner = model_runner
+        self.model_config = model_runner.model_config
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.allocator = model_runner.token_to_kv_pool_allocator
+        self.max_total_num_tokens = int(model_runner.max_total_num_tokens)
+        self.max_running_requests = int(min(
+            server_args.max_running_requests or math.inf,
+            model_runner.max_running_requests,
+            self.req_to_token_pool.size,
+        ))
+        self.context_len = int(self.model_config.context_len)
+        self.vocab_size = int(self.model_config.vocab_size)
+        self.tree_cache = RadixCache(self.req_to_token_pool, self.allocator, disable=server_args.disable_radix_cache)
+        chunk = server_args.chunked_prefill_size
+        self.chunked_prefill_size = None if chunk is None or chunk <= 0 else int(chunk)
+        self.max_prefill_tokens = int(server_args.max_prefill_tokens)
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.eos_ids = eos_token_ids(self.model_config, self.tokenizer)
+        self.generation_defaults = sampling_defaults(self.model_config)
+        self.moe_gemm_config = init_moe_gemm_config(self.model_config.hf_config)
+        self.sampler = Sampler()
+
+        self.waiting_queue: list[Req] = []
+        self.running_reqs: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.outbox: list[ReqOutput] = []
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO * server_args.schedule_conservativeness
+        self.min_new_token_ratio = min(MIN_NEW_TOKEN_RATIO * server_args.schedule_conservativeness, 1.0)
+        self.ratio_decay = (self.new_token_ratio - self.min_new_token_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
+        self.stats = {"num_retractions": 0, "prefill_computed_tokens_total": 0, "generation_tokens_total": 0, "cached_tokens_total": 0, "forward_steps": 0}
+        self._seed_counter = server_args.random_seed
+        logger.info(
+            "scheduler ready: max_total_num_tokens=%d max_running_requests=%d context_len=%d chunked_prefill_size=%s moe_top_k=%s",
+            self.max_total_num_tokens, self.max_running_requests, self.context_len, self.chunked_prefill_size, self.moe_gemm_config.top_k,
+        )
+
+    def _load_tokenizer(self):
+        if self.server_args.skip_tokenizer_init:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_config.model_path if self.server_args.tokenizer_path == self.server_args.model_path else self.server_args.tokenizer_path)
+
+    def info(self) -> dict:
+        """Facts the TokenizerManager needs to validate requests."""
+        return {
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "max_running_requests": self.max_running_requests,
+            "context_len": self.context_len,
+            "vocab_size": self.vocab_size,
+            "eos_token_ids": sorted(self.eos_ids),
+            "architectures": list(self.model_config.architectures),
+            "model_path": self.model_config.model_path,
+            "moe_top_k": self.moe_gemm_config.top_k,
+            "moe_num_experts": self.moe_gemm_config.num_experts,
+        }
+
+    # -------------------------------------------------------------- inputs
+    def handle_request(self, recv: Any) -> Any:
+        """Process one message from the TokenizerManager; returns a direct reply or None."""
+        if isinstance(recv, TokenizedGenerateReqInput):
+            self.add_request(recv)
+        elif isinstance(recv, AbortReq):
+            self.abort_request(recv.rid)
+        elif isinstance(recv, FlushCacheReq):
+            return self.flush_cache()
+        elif isinstance(recv, GetInternalStateReq):
+            return GetInternalStateReqOutput(self.internal_state())
+        else:
+            logger.error("unknown message %r", type(recv))
+        return None
+
+    def add_request(self, recv: TokenizedGenerateReqInput) -> None:
+        params = recv.sampling_params
+        params.fill_defaults(self.generation_defaults)
+        req = Req(recv.rid, recv.input_ids, params, recv.stream, recv.return_logprob, recv.top_logprobs_num, seed=self._next_seed())
+        error = self._validate(req)
+        if error is not None:
+            self._finish(req, FINISH_ABORT(error, status_code=400))
+            return
+        # Never plan more output than the context window or the KV pool can hold.
+        limit = min(self.context_len, self.max_total_num_tokens) - len(req.origin_input_ids)
+        params.max_new_tokens = limit if params.max_new_tokens is None else min(params.max_new_tokens, limit)
+        if params.max_new_tokens == 0:
+            self._finish(req, FINISH_LENGTH(0))
+            return
+        self.waiting_queue.append(req)
+
+    def _validate(self, req: Req) -> str | None:
+        n = len(req.origin_input_ids)
+        if n == 0:
+            return "the prompt is empty"
+        if n >= self.context_len:
+            return f"the prompt has {n} tokens, but the context length is {self.context_len}"
+        if n >= self.max_total_num_tokens:
+            return f"the prompt has {n} tokens, more than the KV cache holds ({self.max_total_num_tokens} tokens)"
+        if min(req.origin_input_ids) < 0 or max(req.origin_input_ids) >= self.vocab_size:
+            return f"input_ids must be in [0, {self.vocab_size})"
+        try:
+            req.sampling_params.verify(self.vocab_size)
+        except ValueError as e:
+            return str(e)
+        if req.sampling_params.stop and self.tokenizer is None:
+            return "stop strings need a tokenizer; the server runs with --skip-tokenizer-init"
+        return None
+
+    def _next_seed(self) -> int:
+        self._seed_counter += 1
+        return self._seed_counter
+
+    def abort_request(self, rid: str) -> None:
+        for req in self.waiting_queue:
+            if req.rid == rid:
+                self.waiting_queue.remove(req)
+                self._finish(req, FINISH_ABORT())
+                return
+        # No batch is in flight between steps, so running requests can be released right away.
+        for req in self.running_reqs:
+            if req.rid == rid:
+                self.running_reqs.remove(req)
+                self._release(req)
+                self._finish(req, FINISH_ABORT())
+                return
+        if self.chunked_req is not None and self.chunked_req.rid == rid:
+            req, self.chunked_req = self.chunked_req, None
+            self._release(req)
+            self._finish(req, FINISH_ABORT())
+
+    # -------------------------------------------------------------- stepping
+    def is_idle(self) -> bool:
+        return not self.waiting_queue and not self.running_reqs and self.chunked_req is None
+
+    def step(self) -> list[ReqOutput]:
+        """Run at most one model step; return the outputs produced since the last call."""
+        batch = self.get_next_batch_to_run()
+        if batch is not None:
+            self.run_batch(batch)
+        elif self.is_idle():
+            self.check_memory()
+        outputs, self.outbox = self.outbox, []
+        return outputs
+
+    def get_next_batch_to_run(self) -> ScheduleBatch | None:
+        batch = self.get_new_batch_prefill()
+        if batch is not None:
+            return batch
+        if self.running_reqs:
+            return self.prepare_decode_batch()
+        return None
+
+    def get_new_batch_prefill(self) -> ScheduleBatch | None:
+        if not self.waiting_queue and self.chunked_req is None:
+            return None
+        adder = PrefillAdder(
+            self.tree_cache, self.allocator, self.req_to_token_pool, self.running_reqs, self.chunked_req,
+            self.new_token_ratio, self.max_prefill_tokens, self.chunked_prefill_size,
+        )
+        if self.chunked_req is not None:
+            adder.add_chunked_req(self.chunked_req)
+        self.waiting_queue = order_waiting_queue(self.server_args.schedule_policy, self.waiting_queue, self.tree_cache)
+        for req in self.waiting_queue:
+            if len(self.running_reqs) + len(adder.can_run) >= self.max_running_requests:
+                break
+            self._match_prefix(req)
+            if adder.add_one_req(req) != AddReqResult.CONTINUE:
+                break
+        if not adder.can_run:
+            return None
+        admitted = {id(r) for r in adder.can_run}
+        self.waiting_queue = [r for r in self.waiting_queue if id(r) not in admitted]
+        for req in adder.can_run:
+            self._admit(req)
+        self.chunked_req = adder.new_chunked_req
+        return ScheduleBatch(adder.can_run, ForwardMode.EXTEND)
+
+    def _match_prefix(self, req: Req) -> None:
+        if req.req_pool_idx is not None:
+            return  # a chunked request continues from its own KV
+        # The last token is left out so at least one token is computed, giving the next logits.
+        req.prefix_indices, req.last_node = self.tree_cache.match_prefix(req.fill_ids[:-1])
+        req.kv_len = len(req.prefix_indices)
+
+    def _admit(self, req: Req) -> None:
+        if req.req_pool_idx is not None:
+            return
+        req.req_pool_idx = self.req_to_token_pool.alloc()
+        assert req.req_pool_idx is not None, "PrefillAdder admitted more requests than pool rows"
+        n = len(req.prefix_indices)
+        if n:
+            self.req_to_token_pool.req_to_token[req.req_pool_idx, :n] = req.prefix_indices.to(self.req_to_token_pool.req_to_token.device)
+        if req.is_first_admission:
+            req.is_first_admission = False
+            req.cached_tokens = min(n, len(req.origin_input_ids))
+            self.stats["cached_tokens_total"] += req.cached_tokens
+
+    def prepare_decode_batch(self) -> ScheduleBatch | None:
+        self.retract_until_fits()
+        if not self.running_reqs:
+            return None
+        for req in self.running_reqs:
+            req.extend_len = 1
+        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
+        return ScheduleBatch(list(self.running_reqs), ForwardMode.DECODE)
+
+    def retract_until_fits(self) -> None:
+        """Free KV for one decode step of every running request by sending the newest back to wait."""
+        retracted = []
+        while self.running_reqs and not self._can_alloc(len(self.running_reqs)):
+            if len(self.running_reqs) == 1 and self.chunked_req is not None:
+                victim, self.chunked_req = self.chunked_req, None
+            elif len(self.running_reqs) > 1:
+                victim = self.running_reqs.pop()
+            else:
+                # Unreachable while max_new_tokens is clipped to the pool size; fail the request, not the server.
+                victim = self.running_reqs.pop()
+                self._release(victim)
+                self._finish(victim, FINISH_ABORT("the KV cache is too small for this request", status_code=500))
+                continue
+            self._release(victim)
+            victim.reset_for_retract()
+            retracted.append(victim)
+        if retracted:
+            self.stats["num_retractions"] += len(retracted)
+            self.waiting_queue = retracted[::-1] + self.waiting_queue
+            self.new_token_ratio = min(1.0, self.new_token_ratio + RETRACT_RATIO_BUMP)
+            logger.info("KV cache full: retracted %d request(s); new_token_ratio=%.2f", len(retracted), self.new_token_ratio)
+
+    def _can_alloc(self, n: int) -> bool:
+        return self.allocator.available_size() + self.tree_cache.evictable_size() >= n
+
+    def _alloc_slots(self, n: int) -> torch.Tensor:
+        if self.allocator.available_size() < n:
+            self.tree_cache.evict(n - self.allocator.available_size())
+        slots = self.allocator.alloc(n)
+        if slots is None:
+            raise RuntimeError(f"KV allocation of {n} slots failed after admission control; this is a scheduler bug")
+        return slots
+
+    def run_batch(self, batch: ScheduleBatch) -> None:
+        batch.out_cache_loc = self._alloc_slots(batch.input_token_count())
+        batch.write_req_to_token(self.req_to_token_pool.req_to_token)
+        sample_rows = [i for i, r in enumerate(batch.reqs) if r.is_prefill_done_after_step()]
+        output = self.model_runner.forward(batch.to_forward_batch(self.device))
+        batch.commit()
+        self.stats["forward_steps"] += 1
+        if batch.forward_mode.is_extend():
+            self.stats["prefill_computed_tokens_total"] += batch.out_cache_loc.numel()
+        sample_reqs = [batch.reqs[i] for i in sample_rows]
+        if sample_reqs:
+            self._sample_and_append(sample_reqs, output.next_token_logits[sample_rows])
+        for req in sample_reqs:
+            if req.finished():
+                if batch.forward_mode.is_decode():
+                    self.running_reqs.remove(req)
+                self._release(req)
+            elif batch.forward_mode.is_extend():
+                self.running_reqs.append(req)
+            self._emit(req)
+
+    def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
+        info = SamplingBatchInfo.from_reqs(reqs, logits.shape[-1], logits.device)
+        want_logprob = any(r.return_logprob for r in reqs)
+        top_n = max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0)
+        out = self.sampler(logits, info, return_logprob=want_logprob, top_logprobs_num=top_n)
+        ids = out.next_token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
+        for i, (req, token) in enumerate(zip(reqs, ids)):
+            req.output_ids.append(token)
+            self.stats["generation_tokens_total"] += 1
+            if req.return_logprob:
+                req.token_logprobs.append((logprobs[i], token))
+                if req.top_logprobs_num:
+                    k = req.top_logprobs_num
+                    req.top_logprobs.append(list(zip(top_vals[i][:k], top_ids[i][:k])))
+            req.check_finished(self.eos_ids, self._match_stop_str)
+
+    def _match_stop_str(self, req: Req) -> str | None:
+        stops = req.sampling_params.stop
+        # Each token decodes to at least one character, so the tail this long covers any new match.
+        tail = req.output_ids[-(max(len(s) for s in stops) + 1) :]
+        text = self.tokenizer.decode(tail, skip_special_tokens=req.sampling_params.skip_special_tokens)
+        return next((s for s in stops if s in text), None)
+
+    # -------------------------------------------------------------- outputs and memory
+    def _release(self, req: Req) -> None:
+        if req.req_pool_idx is not None:
+            self.tree_cache.cache_finished_req(req)
+
+    def _finish(self, req: Req, reason) -> None:
+        req.finished_reason = reason
+        self._emit(req)
+
+    def _emit(self, req: Req) -> None:
+        if not (req.stream or req.finished()):
+            return
+        start = req.sent_len
+        self.outbox.append(
+            ReqOutput(
+                rid=req.rid,
+                new_token_ids=req.output_ids[start:],
+                finished_reason=req.finished_reason.to_json() if req.finished() else None,
+                prompt_tokens=len(req.origin_input_ids),
+                completion_tokens=len(req.output_ids),
+                cached_tokens=req.cached_tokens,
+                token_logprobs=req.token_logprobs[start:],
+                top_logprobs=req.top_logprobs[start:],
+            )
+        )
+        req.sent_len = len(req.output_ids)
+
+    def kv_used_tokens(self) -> int:
+        """Slots held by requests (not counting unlocked cache entries, which are reclaimable)."""
+        return self.max_total_num_tokens - self.allocator.available_size() - self.tree_cache.evictable_size()
+
+    def check_memory(self) -> bool:
+        """When idle every slot is either free or in the tree; anything else is a leak."""
+        leaked = self.kv_used_tokens() != 0 or self.tree_cache.protected_size() != 0
+        if leaked:
+            logger.error(
+                "KV leak while idle: available=%d evictable=%d protected=%d total=%d",
+                self.allocator.available_size(), self.tree_cache.evictable_size(), self.tree_cache.protected_size(), self.max_total_num_tokens,
+            )
+        return not leaked
+
+    def flush_cache(self) -> FlushCacheReqOutput:
+        if not self.is_idle():
+            return FlushCacheReqOutput(False, "Cache not flushed: requests are still running or waiting.")
+        self.tree_cache.reset()
+        self.allocator.clear()
+        return FlushCacheReqOutput(True, "Cache flushed.")
+
+    def internal_state(self) -> dict:
+        used = self.kv_used_tokens()
+        return {
+            "num_running_reqs": len(self.running_reqs) + (self.chunked_req is not None),
+            "num_waiting_reqs": len(self.waiting_queue),
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "kv_available_tokens": self.allocator.available_size(),
+            "kv_cached_tokens": self.tree_cache.total_size(),
+            "kv_evictable_tokens": self.tree_cache.evictable_size(),
+            "kv_used_tokens": used,
+            "token_usage": used / self.max_total_num_tokens,
+            "new_token_ratio": self.new_token_ratio,
+            "memory_ok": self.check_memory() if self.is_idle() else None,
+            **self.stats,
+            **self.info(),
+        }
+
+    # -------------------------------------------------------------- process loop
+    def event_loop(self, recv_socket, send_socket, parent_pid: int | None) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(recv_socket, zmq.POLLIN)
+        while True:
+            timeout_ms = 1000 if self.is_idle() else 0
+            while poller.poll(timeout_ms):
+                reply = self.handle_request(recv_socket.recv_pyobj())
+                if reply is not None:
+                    send_socket.send_pyobj(reply)
+                timeout_ms = 0
+            outputs = self.step()
+            if outputs:
+                send_socket.send_pyobj(BatchTokenIDOut(outputs))
+            if parent_pid is not None and self.is_idle() and os.getppid() != parent_pid:
+                logger.info("parent process is gone; scheduler exits")
+                return
+
+
+@dataclass
+class SchedulerPorts:
+    scheduler_input: str  # the scheduler PULLs requests here
+    tokenizer_input: str  # the TokenizerManager PULLs outputs here
+
+
+def run_scheduler_process(server_args, ports: SchedulerPorts, ready_pipe, parent_pid: int) -> None:
+    """Entry point of the scheduler child process."""
+    import zmq
+
+    from sglang.srt.utils import configure_logger
+
+    configure_logger(server_args.log_level, prefix=" scheduler")
+    # Ctrl-C reaches the whole process group; the parent decides when we stop (it sends SIGTERM).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    ctx = zmq.Context()
+    recv_socket = ctx.socket(zmq.PULL)
+    recv_socket.bind(ports.scheduler_input)
+    send_socket = ctx.socket(zmq.PUSH)
+    send_socket.setsockopt(zmq.LINGER, 2000)
+    send_socket.connect(ports.tokenizer_input)
+    try:
+        torch.manual_seed(server_args.random_seed)
+        scheduler = Scheduler(server_args)
+        ready_pipe.send({"status": "ready", **scheduler.info()})
+    except Exception as e:
+        logger.error("scheduler failed to start:\n%s", traceback.format_exc())
+        ready_pipe.send({"status": "error", "message": f"{type(e).__name__}: {e}"})
+        sys.exit(1)
+    try:
+        scheduler.event_loop(recv_socket, send_socket, parent_pid)
+    except Exception as e:
+        logger.error("scheduler crashed:\n%s", traceback.format_exc())
+        try:
+            send_socket.send_pyobj(SchedulerCrashed(f"scheduler crashed: {type(e).__name__}: {e}"), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        time.sleep(0.2)  # let the crash notice leave before the socket dies with us
+        os._exit(1)
