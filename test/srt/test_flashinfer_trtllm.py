@@ -99,7 +99,9 @@ def _checkpoint_copy(layer) -> dict[str, torch.Tensor]:
 
 def emulating_runner() -> fit.FlashInferTrtllmNvFp4MoeRunner:
     """The production runner class with FlashInfer's shuffles bypassed and the kernel emulated."""
-    return fit.FlashInferTrtllmNvFp4MoeRunner(shuffle=None, quantize=emulate_fp4_quantize, launch=emulate_trtllm_fp4_moe)
+    return fit.FlashInferTrtllmNvFp4MoeRunner(
+        shuffle=None, quantize=emulate_fp4_quantize, launch=emulate_trtllm_fp4_moe
+    )
 
 
 def _expert_weights(ckpt, e: int, inter: int):
@@ -176,7 +178,8 @@ def test_prepare_reorders_pads_and_scales(inter):
     assert not torch.allclose(gate_ws2, up_ws2, rtol=0.5)  # the fixture really has distinct scales
     torch.testing.assert_close(w.output1_scale_gate, 1 / ((1 / gate_ws2) * (1 / a1)), rtol=1e-6, atol=0)
     torch.testing.assert_close(w.output1_scale, (1 / a2) / ((1 / up_ws2) * (1 / a1)), rtol=1e-6, atol=0)
-    torch.testing.assert_close(w.output2_scale, layer.router_per_expert_scale / ((1 / a2) * (1 / w2_ws2)), rtol=1e-6, atol=0)
+    pes = layer.router_per_expert_scale
+    torch.testing.assert_close(w.output2_scale, pes / ((1 / a2) * (1 / w2_ws2)), rtol=1e-6, atol=0)
     torch.testing.assert_close(w.hidden_global_scale, (1 / a1).reshape(1))
 
 
@@ -265,7 +268,8 @@ def test_routing_is_gemma4_routing():
     folded = weights.float() * pes[ids.long()]
     torch.testing.assert_close(folded.gather(1, order_k), topk.topk_weights.gather(1, order_r), rtol=2**-8, atol=0)
     # The output2 scalar carries pes per expert, nothing else does.
-    torch.testing.assert_close(layer.trtllm_output2_scale / pes, layer.w2_input_scale * layer.w2_weight_scale_2, rtol=1e-6, atol=0)
+    unfolded = layer.trtllm_output2_scale / pes
+    torch.testing.assert_close(unfolded, layer.w2_input_scale * layer.w2_weight_scale_2, rtol=1e-6, atol=0)
 
 
 def test_swapped_gate_up_scales_are_detected():

@@ -107,9 +107,10 @@ def _poison_allocator():
 # ---------------------------------------------------------------- CPU (interpreter) and GPU
 
 
-def test_align_is_a_padded_permutation():
+@pytest.mark.parametrize("num_tokens", [11, 400])  # one-program path, multi-program path
+def test_align_is_a_padded_permutation(num_tokens):
     num_experts, block_m = 7, 4
-    ids = torch.randint(0, num_experts, (11, 3), dtype=torch.int32, device=DEV)
+    ids = torch.randint(0, num_experts, (num_tokens, 3), dtype=torch.int32, device=DEV)
     ids[:, 0] = 1  # one hot expert; experts with no tokens are likely too
     a = moe_align(ids, num_experts, block_m)
     total = int(a.num_padded)

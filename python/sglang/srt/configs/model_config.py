@@ -153,8 +153,9 @@ class ModelConfig:
         dtype: str = "auto",
         quantization: str | None = None,
         download_dir: str | None = None,
+        load_format: str = "auto",
     ):
-        self.model_path = str(resolve_model_path(model_path, revision, download_dir))
+        self.model_path = str(resolve_model_path(model_path, revision, download_dir, load_format))
         model_dir = Path(self.model_path)
         config = _read_json(model_dir / "config.json")
         if config is None:
@@ -187,6 +188,7 @@ class ModelConfig:
             dtype=server_args.dtype,
             quantization=server_args.quantization,
             download_dir=getattr(server_args, "download_dir", None),
+            load_format=getattr(server_args, "load_format", "auto"),
         )
 
     def _resolve_dtype(self, dtype: str) -> torch.dtype:

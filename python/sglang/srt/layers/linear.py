@@ -57,28 +57,25 @@ class LinearBase(torch.nn.Module):
             self, input_size=input_size, output_size=self.output_size, params_dtype=params_dtype
         )
 
-    def shard_index(self, shard_id) -> int:
-        if shard_id is None:
-            return -1
-        if isinstance(shard_id, int):
+    def shard_index(self, shard_id) -> int | None:
+        if shard_id is None or isinstance(shard_id, int):
             return shard_id
         return self.shard_names.index(shard_id)
 
     def weight_loader(self, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Copy one checkpoint tensor into its rows (a stacked shard) or the whole parameter."""
         idx = self.shard_index(shard_id)
         target = param.data
         if getattr(param, "per_shard", False):
-            # A scalar per checkpoint tensor (NVFP4 global/input scale).
-            target = target[max(idx, 0) : max(idx, 0) + 1] if idx >= 0 else target
+            # One scalar per checkpoint tensor (NVFP4 global/input scale).
             loaded = loaded.reshape(-1)
-            if idx < 0 and loaded.numel() == 1:
+            if idx is not None:
+                target = target[idx : idx + 1]
+            elif loaded.numel() == 1:
                 loaded = loaded.expand(target.shape)
-        elif idx >= 0:
-            dim = param.output_dim
-            # Packed params store fewer rows/cols per element only along the input dim, so row
-            # offsets are the same for weight and block scales.
+        elif idx is not None:
             start = sum(self.output_sizes[:idx])
-            target = target.narrow(dim, start, self.output_sizes[idx])
+            target = target.narrow(param.output_dim, start, self.output_sizes[idx])
         check_shape(f"{self.prefix}.{self._param_name(param)}", target.shape, loaded)
         target.copy_(loaded.to(target.dtype))
 

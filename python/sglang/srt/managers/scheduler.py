@@ -123,8 +123,8 @@ class Scheduler:
         chunk = server_args.chunked_prefill_size
         self.chunked_prefill_size = None if chunk is None or chunk <= 0 else int(chunk)
         self.max_prefill_tokens = int(server_args.max_prefill_tokens)
-        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
-        self.eos_ids = eos_token_ids(self.model_config, self.tokenizer)
+        self._tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(self.model_config, tokenizer)
         self.generation_defaults = sampling_defaults(self.model_config)
         self.moe_gemm_config = init_moe_gemm_config(self.model_config.hf_config)
         self.sampler = Sampler()
@@ -143,12 +143,14 @@ class Scheduler:
             self.max_total_num_tokens, self.max_running_requests, self.context_len, self.chunked_prefill_size, self.moe_gemm_config.top_k,
         )
 
-    def _load_tokenizer(self):
-        if self.server_args.skip_tokenizer_init:
-            return None
-        from transformers import AutoTokenizer
+    @property
+    def tokenizer(self):
+        """Loaded on first use: the scheduler decodes only to spot stop strings (to free KV at once)."""
+        if self._tokenizer is None and not self.server_args.skip_tokenizer_init:
+            from sglang.srt.managers.tokenizer_manager import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_config.model_path if self.server_args.tokenizer_path == self.server_args.model_path else self.server_args.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.server_args)
+        return self._tokenizer
 
     def info(self) -> dict:
         """Facts the TokenizerManager needs to validate requests."""
@@ -453,6 +455,7 @@ class Scheduler:
             "token_usage": used / self.max_total_num_tokens,
             "new_token_ratio": self.new_token_ratio,
             "memory_ok": self.check_memory() if self.is_idle() else None,
+            "scheduler_pid": os.getpid(),
             **self.stats,
             **self.info(),
         }

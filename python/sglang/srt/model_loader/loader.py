@@ -23,21 +23,24 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
     NVFP4 codes are any nibble (every e2m1 code is a valid number), block scales near 1 and
     global scales chosen so dequantized weights have a std of about 0.02, like the bf16 ones.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
+        # Drawn on the parameter's own device: filling a 26B model from the CPU would take minutes.
+        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+        like = dict(generator=gen, device=p.device)
         leaf = name.rsplit(".", 1)[-1]
         if p.dtype == torch.uint8:
-            data = torch.randint(0, 256, p.shape, dtype=torch.uint8, generator=gen)
+            data = torch.randint(0, 256, p.shape, dtype=torch.uint8, **like)
         elif p.dtype == torch.float8_e4m3fn:
-            data = (0.5 + torch.rand(p.shape, generator=gen)).to(torch.float8_e4m3fn)
+            data = (0.5 + torch.rand(p.shape, **like)).to(torch.float8_e4m3fn)
         elif leaf.endswith("weight_scale_2"):
-            data = torch.full(p.shape, 0.008)
+            data = torch.full(p.shape, 0.008, device=p.device)
         elif leaf.endswith("input_scale"):
-            data = torch.full(p.shape, 1.0 / (6 * 448))
+            data = torch.full(p.shape, 1.0 / (6 * 448), device=p.device)
         elif p.dim() == 1 or leaf in ("layer_scalar", "scale", "per_expert_scale"):
-            data = torch.ones(p.shape)
+            data = torch.ones(p.shape, device=p.device)
         else:
-            data = torch.randn(p.shape, generator=gen) * 0.02
+            data = torch.randn(p.shape, **like) * 0.02
         p.data.copy_(data.to(p.dtype))
 
 

@@ -14,7 +14,18 @@ from safetensors import SafetensorError
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
 
-def resolve_model_path(model_path: str, revision: str | None = None, download_dir: str | None = None) -> Path:
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "data"
+
+
+def shipped_config_dir(repo_id: str) -> Path | None:
+    """Config-only copies of the real checkpoints, so `--load-format dummy` needs no network."""
+    path = SHIPPED_CONFIGS / repo_id.replace("/", "--")
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_model_path(
+    model_path: str, revision: str | None = None, download_dir: str | None = None, load_format: str = "auto"
+) -> Path:
     """A local directory, the built-in demo model's name, or a Hugging Face repo id (downloaded)."""
     from sglang.test.make_gemma4_checkpoint import DEMO_MODEL_NAME, ensure_demo_model
 
@@ -25,6 +36,8 @@ def resolve_model_path(model_path: str, revision: str | None = None, download_di
         return local
     if local.exists() or model_path.startswith((".", "/")) or model_path.count("/") != 1:
         raise FileNotFoundError(f"model path {model_path!r} is neither a checkpoint directory nor a hub repo id")
+    if load_format == "dummy" and shipped_config_dir(model_path):
+        return shipped_config_dir(model_path)
     return _download(model_path, revision, download_dir)
 
 

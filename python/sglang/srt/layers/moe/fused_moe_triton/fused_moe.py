@@ -16,9 +16,15 @@ from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     ACT_GELU_TANH,
     ACT_SILU,
     moe_align_kernel,
+    moe_count_kernel,
     moe_gemm1_kernel,
     moe_gemm2_kernel,
+    moe_offsets_kernel,
+    moe_scatter_kernel,
 )
+
+# Above this many (token, slot) pairs the one-program align kernel is slower than three launches.
+_SINGLE_PROGRAM_ALIGN_MAX = 1024
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": ACT_GELU_TANH, "gelu_tanh": ACT_GELU_TANH, "silu": ACT_SILU}
 
@@ -78,10 +84,23 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     cursor = torch.empty(num_bins, dtype=torch.int32, device=dev)
+    block_chunk = max(16, 4096 // num_bins)
+    if num_pairs > _SINGLE_PROGRAM_ALIGN_MAX:
+        # One program serialises too much work here; spread counting and scattering over the GPU.
+        counts = torch.zeros(num_bins, dtype=torch.int32, device=dev)
+        sorted_ids.fill_(num_pairs)
+        chunks = triton.cdiv(num_pairs, 1024)
+        moe_count_kernel[(chunks,)](ids, counts, num_pairs, NUM_BINS=num_bins, CHUNK=1024)
+        moe_offsets_kernel[(1,)](
+            counts, cursor, block_expert, num_padded, max_blocks, num_experts,
+            BLOCK_M=block_m, NUM_BINS=num_bins, BLOCK_CHUNK=block_chunk, num_warps=8,
+        )  # fmt: skip
+        moe_scatter_kernel[(chunks,)](ids, cursor, sorted_ids, num_pairs, CHUNK=1024)
+        return AlignedTokens(sorted_ids, block_expert, num_padded, max_blocks, block_m)
     moe_align_kernel[(1,)](
         ids, sorted_ids, block_expert, num_padded, cursor,
         num_pairs, max_blocks * block_m, max_blocks, num_experts,
-        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=1024, BLOCK_CHUNK=max(16, 4096 // num_bins),
+        BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=1024, BLOCK_CHUNK=block_chunk,
         num_warps=8,
     )  # fmt: skip
     return AlignedTokens(sorted_ids, block_expert, num_padded, max_blocks, block_m)

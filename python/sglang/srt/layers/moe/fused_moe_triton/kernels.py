@@ -29,7 +29,7 @@ ACT_SILU = 1
 _DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # sqrt(2 / pi), for the tanh form of GELU.
-_GELU_C = 0.7978845608028654
+_GELU_C = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit
@@ -49,11 +49,11 @@ def _load_weight_tile(w_rows, s_rows, k0, K, n_mask, BN: tl.constexpr, BK: tl.co
     if W_FP4:
         offs_b = k0 // 2 + tl.arange(0, BK // 2)
         packed = tl.load(w_rows + offs_b[None, :], mask=n_mask & (offs_b[None, :] < K // 2), other=0)
-        offs_s = k0 // 16 + tl.arange(0, BK // 16)
-        scale = tl.load(s_rows + offs_s[None, :], mask=n_mask & (offs_s[None, :] < K // 16), other=0.0)
+        # One scale covers 16 elements = 8 packed bytes. Loading it once per byte (repeats hit L1)
+        # gives the scale tile the packed tile's register layout, where a broadcast + reshape of a
+        # [BN, BK/16] tile made the compiler shuffle it through shared memory.
+        scale = tl.load(s_rows + offs_b[None, :] // 8, mask=n_mask & (offs_b[None, :] < K // 2), other=0.0)
         scale = scale.to(tl.float32) * 16384.0
-        # One scale covers 16 elements = 8 packed bytes; broadcast it over its bytes.
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, BK // 16, 8)), (BN, BK // 2))
         packed = packed.to(tl.int32)
         lo = (_e2m1_times_2p14_inv(packed & 0xF) * scale).to(tl.bfloat16)
         hi = (_e2m1_times_2p14_inv(packed >> 4) * scale).to(tl.bfloat16)
@@ -353,3 +353,45 @@ def dense_w4a16_kernel(
         y = y * tl.load(gs_ptr)
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def moe_count_kernel(topk_ids_ptr, counts_ptr, num_pairs, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """Large-batch align, step 1: per-program histogram added into counts[NUM_BINS] (zeroed)."""
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < num_pairs
+    ids = tl.load(topk_ids_ptr + offs, mask=valid, other=0)
+    hist = tl.histogram(ids, NUM_BINS)
+    hist -= tl.where(tl.arange(0, NUM_BINS) == 0, CHUNK - tl.sum(valid.to(tl.int32), 0), 0)
+    tl.atomic_add(counts_ptr + tl.arange(0, NUM_BINS), hist)
+
+
+@triton.jit
+def moe_offsets_kernel(
+    counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, max_blocks, num_experts,
+    BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Large-batch align, step 2 (one program): padded run starts, block -> expert map."""
+    bins = tl.arange(0, NUM_BINS)
+    counts = tl.load(counts_ptr + bins)
+    counts = tl.where(bins < num_experts, counts, 0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    total = tl.sum(padded, 0)
+    tl.store(cursor_ptr + bins, ends - padded)
+    tl.store(num_padded_ptr, total)
+    for bstart in range(0, max_blocks, BLOCK_CHUNK):
+        blk = bstart + tl.arange(0, BLOCK_CHUNK)
+        slot = blk * BLOCK_M
+        owner = tl.sum((ends[None, :] <= slot[:, None]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + blk, tl.where(slot < total, owner, -1), mask=blk < max_blocks)
+
+
+@triton.jit
+def moe_scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_pairs, CHUNK: tl.constexpr):
+    """Large-batch align, step 3: each pair takes the next free slot of its expert's run."""
+    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < num_pairs
+    ids = tl.load(topk_ids_ptr + offs, mask=valid, other=0)
+    pos = tl.atomic_add(cursor_ptr + ids, 1, mask=valid)
+    tl.store(sorted_ids_ptr + pos, offs, mask=valid)

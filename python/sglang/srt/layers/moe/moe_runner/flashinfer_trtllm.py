@@ -99,7 +99,7 @@ def check_flashinfer_trtllm_supported(device_sm: int) -> None:
     if device_sm <= 0:
         raise RuntimeError(
             "the flashinfer_trtllm MoE backend needs an NVIDIA Blackwell GPU (SM100/SM103); "
-            "no CUDA GPU was found. Use --moe-runner-backend torch on CPU."
+            "no CUDA GPU was found. Choose the torch MoE runner backend on CPU."
         )
     if not MIN_DEVICE_SM <= device_sm < MAX_DEVICE_SM_EXCLUSIVE:
         raise RuntimeError(
@@ -290,28 +290,27 @@ def flashinfer_row_permutations(
     return perm1.long(), perm2.long()
 
 
-def _swizzle_block_scales(scales: torch.Tensor, interleave: Callable) -> torch.Tensor:
-    """[E, R, C] e4m3 -> FlashInfer's 128x4 layout, viewed back as [E, R, C] (R % 128 == 0 and
-    C % 4 == 0 hold here, so the swizzle adds no padding)."""
-    flat = interleave(scales.view(torch.uint8).contiguous())
+def _shuffle_block_scales(scales: torch.Tensor, perm: torch.Tensor, interleave: Callable) -> torch.Tensor:
+    """Row-permute [E, R, C] e4m3 scales, then FlashInfer's 128x4 swizzle, viewed back as [E, R, C]
+    (R % 128 == 0 and C % 4 == 0 hold here, so the swizzle adds no padding). Bytes are moved as
+    uint8 because the swizzle takes uint8 and float8 indexing is not supported everywhere."""
+    flat = interleave(scales.view(torch.uint8)[:, perm].contiguous())
     return flat.reshape(scales.shape).view(torch.float8_e4m3fn)
 
 
 def flashinfer_shuffle(weights: TrtllmFp4MoeWeights) -> TrtllmFp4MoeWeights:
     """Apply FlashInfer's row shuffles and block-scale swizzle (GPU: the swizzle is a CUDA op)."""
     flashinfer = require_flashinfer()
-    experts, rows1, _ = weights.gemm1_weights.shape
-    _, rows2, _ = weights.gemm2_weights.shape
-    perm1, perm2 = flashinfer_row_permutations(
-        rows1, weights.gemm1_weights.shape[2], rows2, weights.gemm2_weights.shape[2]
-    )
+    _, rows1, cols1 = weights.gemm1_weights.shape
+    _, rows2, cols2 = weights.gemm2_weights.shape
+    perm1, perm2 = flashinfer_row_permutations(rows1, cols1, rows2, cols2)
     perm1, perm2 = perm1.to(weights.gemm1_weights.device), perm2.to(weights.gemm2_weights.device)
     interleave = flashinfer.block_scale_interleave
     return TrtllmFp4MoeWeights(
         gemm1_weights=weights.gemm1_weights[:, perm1].contiguous(),
-        gemm1_scales=_swizzle_block_scales(weights.gemm1_scales[:, perm1], interleave),
+        gemm1_scales=_shuffle_block_scales(weights.gemm1_scales, perm1, interleave),
         gemm2_weights=weights.gemm2_weights[:, perm2].contiguous(),
-        gemm2_scales=_swizzle_block_scales(weights.gemm2_scales[:, perm2], interleave),
+        gemm2_scales=_shuffle_block_scales(weights.gemm2_scales, perm2, interleave),
         output1_scale=weights.output1_scale,
         output1_scale_gate=weights.output1_scale_gate,
         output2_scale=weights.output2_scale,

@@ -1,0 +1,1 @@
+"""Pieces of `python -m sglang.bench_serving`: datasets, request backends, metrics."""

@@ -1,0 +1,154 @@
+"""POST /v1/chat/completions: chat template, n choices, stream (SSE) and non-stream answers."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sglang.srt.entrypoints.openai.protocol import UNSUPPORTED_CHAT_FIELDS, ChatCompletionRequest
+from sglang.srt.entrypoints.openai.serving_base import (
+    MAX_TOP_LOGPROBS,
+    SSE_DONE,
+    OpenAIError,
+    ServingBase,
+    chat_logprobs,
+    check_common,
+    gather_all,
+    tokenize_all,
+    error_from_abort,
+    finish_reason_str,
+    new_id,
+    now,
+    parse_body,
+    read_json_body,
+    run_watching_disconnect,
+    sampling_params_dict,
+    sse,
+    usage,
+)
+from sglang.srt.managers.io_struct import GenerateReqInput
+
+
+class OpenAIServingChat(ServingBase):
+    async def handle(self, request: Request):
+        req = parse_body(ChatCompletionRequest, await read_json_body(request), UNSUPPORTED_CHAT_FIELDS)
+        items = tokenize_all(self.tm, self._build_inputs(req))
+        if req.stream:
+            gens = [self.tm.generate_tokenized(t) for t in items]
+            return StreamingResponse(self._stream(req, gens), media_type="text/event-stream")
+        outs = await run_watching_disconnect(request, gather_all(self.tm, items))
+        return JSONResponse(self._response(req, outs))
+
+    def _build_inputs(self, req: ChatCompletionRequest) -> list[GenerateReqInput]:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        check_common(req, max_tokens)
+        if not req.messages:
+            raise OpenAIError("messages must contain at least one message", param="messages")
+        if req.top_logprobs is not None:
+            if not req.logprobs:
+                raise OpenAIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise OpenAIError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
+        input_ids = self._apply_chat_template(req)
+        return [
+            GenerateReqInput(
+                input_ids=input_ids,
+                sampling_params=sampling_params_dict(req, max_tokens, i),
+                stream=req.stream,
+                return_logprob=req.logprobs,
+                top_logprobs_num=req.top_logprobs or 0,
+                rid=f"{req.rid}-{i}" if req.rid and req.n > 1 else req.rid,
+            )
+            for i in range(req.n)
+        ]
+
+    def _apply_chat_template(self, req: ChatCompletionRequest) -> list[int]:
+        tokenizer = self.tm.tokenizer
+        if tokenizer is None:
+            raise OpenAIError("chat completions need a tokenizer; this server runs with --skip-tokenizer-init")
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for i, m in enumerate(messages):
+            if m.get("content") is None and m["role"] != "assistant":
+                raise OpenAIError(f"messages[{i}].content is required for role {m['role']!r}", param=f"messages.{i}.content")
+        try:
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # template errors (e.g. role order) are the request's fault
+            raise OpenAIError(f"could not apply the chat template: {e}", param="messages") from None
+        # The template already emits <bos>; the tokenizer must not add another.
+        return tokenizer.encode(prompt, add_special_tokens=False)
+
+    def _response(self, req: ChatCompletionRequest, outs: list[dict]) -> dict:
+        choices = []
+        for i, out in enumerate(outs):
+            meta = out["meta_info"]
+            reason = meta["finish_reason"]
+            if reason and reason.get("type") == "abort":
+                raise error_from_abort(reason)
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": out["text"]},
+                    "logprobs": chat_logprobs(meta, 0) if req.logprobs else None,
+                    "finish_reason": finish_reason_str(reason),
+                    "matched_stop": reason.get("matched") if reason else None,
+                }
+            )
+        first = outs[0]["meta_info"]
+        completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
+        return {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": usage(first["prompt_tokens"], completion, first["cached_tokens"]),
+        }
+
+    async def _stream(self, req: ChatCompletionRequest, gens: list[AsyncIterator[dict]]) -> AsyncIterator[str]:
+        from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+        rid, created = new_id("chatcmpl"), now()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
+            body = {
+                "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            }
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        sent_text = [""] * len(gens)
+        sent_tokens = [0] * len(gens)
+        finals: list[dict | None] = [None] * len(gens)
+        try:
+            for i in range(len(gens)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for out in TokenizerManager._merge_streams(gens):
+                i, meta = out["index"], out["meta_info"]
+                reason = meta["finish_reason"]
+                if reason and reason.get("type") == "abort":
+                    yield sse(error_from_abort(reason).body())
+                    break
+                delta = out["text"][len(sent_text[i]) :]
+                ntok = len(out["output_ids"])
+                logprobs = chat_logprobs(meta, sent_tokens[i], ntok) if req.logprobs else None
+                if delta or (logprobs and logprobs["content"]):
+                    yield chunk(i, {"content": delta}, logprobs=logprobs)
+                sent_text[i], sent_tokens[i] = out["text"], ntok
+                if reason is not None:
+                    finals[i] = meta
+                    yield chunk(i, {}, finish=finish_reason_str(reason))
+            else:
+                if include_usage and all(finals):
+                    completion = sum(m["completion_tokens"] for m in finals)
+                    yield sse({
+                        "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                        "choices": [], "usage": usage(finals[0]["prompt_tokens"], completion, finals[0]["cached_tokens"]),
+                    })
+        except ValueError as e:
+            yield sse(OpenAIError(str(e)).body())
+        yield SSE_DONE

@@ -1,0 +1,149 @@
+"""POST /v1/completions: one or several prompts (text or token ids), n choices each, stream or not.
+
+Choice index = prompt_index * n + j, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sglang.srt.entrypoints.openai.protocol import UNSUPPORTED_COMPLETION_FIELDS, CompletionRequest
+from sglang.srt.entrypoints.openai.serving_base import (
+    MAX_TOP_LOGPROBS,
+    SSE_DONE,
+    OpenAIError,
+    ServingBase,
+    check_common,
+    completion_logprobs,
+    error_from_abort,
+    finish_reason_str,
+    gather_all,
+    new_id,
+    now,
+    parse_body,
+    read_json_body,
+    run_watching_disconnect,
+    sampling_params_dict,
+    sse,
+    tokenize_all,
+    usage,
+)
+from sglang.srt.managers.io_struct import GenerateReqInput
+
+
+class OpenAIServingCompletion(ServingBase):
+    async def handle(self, request: Request):
+        req = parse_body(CompletionRequest, await read_json_body(request), UNSUPPORTED_COMPLETION_FIELDS)
+        items = tokenize_all(self.tm, self._build_inputs(req))
+        if req.stream:
+            gens = [self.tm.generate_tokenized(t) for t in items]
+            return StreamingResponse(self._stream(req, gens), media_type="text/event-stream")
+        outs = await run_watching_disconnect(request, gather_all(self.tm, items))
+        return JSONResponse(self._response(req, outs))
+
+    @staticmethod
+    def _prompts(prompt) -> list[dict]:
+        """Normalise the four accepted prompt shapes to a list of {text} / {input_ids}."""
+        if isinstance(prompt, str):
+            return [{"text": prompt}]
+        if not prompt:
+            raise OpenAIError("prompt must not be empty", param="prompt")
+        if all(isinstance(p, int) for p in prompt):
+            return [{"input_ids": list(prompt)}]
+        if all(isinstance(p, str) for p in prompt):
+            return [{"text": p} for p in prompt]
+        if all(isinstance(p, list) for p in prompt):
+            return [{"input_ids": p} for p in prompt]
+        raise OpenAIError("prompt must be a string, a list of strings, a list of token ids, or a list of such lists", param="prompt")
+
+    def _build_inputs(self, req: CompletionRequest) -> list[GenerateReqInput]:
+        check_common(req, req.max_tokens)
+        if req.echo:
+            raise OpenAIError("'echo' is not supported by this server", param="echo")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+            raise OpenAIError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
+        objs = []
+        for prompt in self._prompts(req.prompt):
+            for j in range(req.n):
+                objs.append(
+                    GenerateReqInput(
+                        **prompt,
+                        sampling_params=sampling_params_dict(req, req.max_tokens, j),
+                        stream=req.stream,
+                        return_logprob=req.logprobs is not None,
+                        top_logprobs_num=req.logprobs or 0,
+                    )
+                )
+        return objs
+
+    def _response(self, req: CompletionRequest, outs: list[dict]) -> dict:
+        choices, prompt_tokens, cached = [], 0, 0
+        for i, out in enumerate(outs):
+            meta = out["meta_info"]
+            reason = meta["finish_reason"]
+            if reason and reason.get("type") == "abort":
+                raise error_from_abort(reason)
+            if i % req.n == 0:  # count each prompt once, however many choices it has
+                prompt_tokens += meta["prompt_tokens"]
+                cached += meta["cached_tokens"]
+            choices.append(
+                {
+                    "index": i,
+                    "text": out.get("text", ""),
+                    "logprobs": completion_logprobs(meta, 0, None, 0) if req.logprobs is not None else None,
+                    "finish_reason": finish_reason_str(reason),
+                    "matched_stop": reason.get("matched") if reason else None,
+                }
+            )
+        completion = sum(o["meta_info"]["completion_tokens"] for o in outs)
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion, cached),
+        }
+
+    async def _stream(self, req: CompletionRequest, gens: list[AsyncIterator[dict]]) -> AsyncIterator[str]:
+        from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+        rid, created = new_id("cmpl"), now()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(index: int, text: str, finish: str | None = None, logprobs=None) -> str:
+            body = {
+                "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            }
+            if include_usage:
+                body["usage"] = None
+            return sse(body)
+
+        sent_text = [""] * len(gens)
+        sent_tokens = [0] * len(gens)
+        finals: list[dict | None] = [None] * len(gens)
+        async for out in TokenizerManager._merge_streams(gens):
+            i, meta = out["index"], out["meta_info"]
+            reason = meta["finish_reason"]
+            if reason and reason.get("type") == "abort":
+                yield sse(error_from_abort(reason).body())
+                break
+            text = out.get("text", "")
+            delta, ntok = text[len(sent_text[i]) :], len(out["output_ids"])
+            logprobs = completion_logprobs(meta, sent_tokens[i], ntok, len(sent_text[i])) if req.logprobs is not None else None
+            if delta or reason is not None or (logprobs and logprobs["tokens"]):
+                yield chunk(i, delta, finish_reason_str(reason), logprobs)
+            sent_text[i], sent_tokens[i] = text, ntok
+            if reason is not None:
+                finals[i] = meta
+        else:
+            if include_usage and all(finals):
+                prompt = sum(m["prompt_tokens"] for k, m in enumerate(finals) if k % req.n == 0)
+                cached = sum(m["cached_tokens"] for k, m in enumerate(finals) if k % req.n == 0)
+                completion = sum(m["completion_tokens"] for m in finals)
+                yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [], "usage": usage(prompt, completion, cached)})
+        yield SSE_DONE

@@ -1,0 +1,219 @@
+"""Decode attention over the paged KV pool: split-K flash-decoding in two launches.
+
+Stage 1, grid (batch, kv_heads, splits): each program takes one request, one KV head with all the
+query heads of its GQA group (padded to 16 rows so the dot products run on tensor cores), and one
+contiguous chunk of the visible key range; it writes a normalised partial output and its log-sum-exp.
+Stage 2, grid (batch, heads, head_dim chunks): merges the splits.
+
+Splitting the keys is what lets batch-1 long-context decode fill the GPU: with 2 KV heads (Gemma 4
+full layers) a kernel with one program per (request, KV head) would run on 2 of 132 SMs.
+
+Sliding layers read only keys in [seq_len - W, seq_len), so their cost is O(W) at any context length.
+The split count depends only on the batch and the layer geometry (not on sequence lengths), so a
+decode step can be captured in a CUDA graph; chunks never go below `min_chunk` keys, and splits
+beyond the visible range do no loads and write an empty partial (lse = -inf).
+
+Softmax runs in base 2: scores are multiplied by scale * log2(e) once, and exp2/log2 are used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int  # keys per loop iteration
+    num_warps: int
+    num_stages: int
+    min_chunk: int  # fewest keys one split takes (keeps partial-output traffic small)
+
+
+def default_decode_config(head_dim: int) -> DecodeConfig:
+    """Tiles by head dim; K and V tiles of block_n x head_dim stay near 32 KiB each."""
+    if head_dim >= 512:
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_chunk=128)
+    if head_dim >= 256:
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=2, min_chunk=128)
+    return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_chunk=64)
+
+
+def decode_num_splits(batch: int, kv_heads: int, num_sms: int, max_splits: int = 64) -> int:
+    """Splits per (request, KV head) so that about two programs run per SM."""
+    return max(1, min(max_splits, triton.cdiv(2 * num_sms, batch * kv_heads)))
+
+
+@triton.jit
+def _decode_stage1(
+    Q, K, V, MidO, MidLse,
+    req_to_token, req_pool_indices, seq_lens,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_r2t,
+    scale_log2, window, num_splits, min_chunk,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens + b).to(tl.int32)
+    row = tl.load(req_pool_indices + b)
+    kv_lo = seq_len * 0
+    if SLIDING:
+        kv_lo = tl.maximum(seq_len - window, 0)
+    # Chunk: an even share of the visible keys, rounded up to whole blocks, at least min_chunk.
+    chunk = tl.cdiv(tl.cdiv(seq_len - kv_lo, num_splits), BLOCK_N) * BLOCK_N
+    chunk = tl.maximum(chunk, min_chunk)
+    s_lo = kv_lo + split * chunk
+    s_hi = tl.minimum(s_lo + chunk, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    head = kvh * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + b * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+    )  # fmt: skip
+
+    m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    tok_base = req_to_token + row * stride_r2t
+    for start in range(s_lo, s_hi, BLOCK_N):
+        pos = start + offs_n
+        n_mask = pos < s_hi
+        # int64 slots: slot * row stride can pass 2^31 on a large pool.
+        slot = tl.load(tok_base + pos, mask=n_mask, other=0)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + slot[:, None] * stride_kn + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * stride_vn + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split leaves l_i = 0: its lse is -inf and its output 0, so stage 2 gives it no weight.
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    mid_row = (b * NUM_HEADS + head) * num_splits + split
+    tl.store(MidO + mid_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(MidLse + mid_row, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_stage2(
+    MidO, MidLse, O,
+    stride_ob, stride_oh, num_splits, v_scale,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DC: tl.constexpr,
+    BLOCK_S: tl.constexpr, S_TILE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    dc = tl.program_id(2)
+    base = (b * NUM_HEADS + h) * num_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_all = tl.load(MidLse + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_all, 0)
+    denom = tl.sum(tl.exp2(lse_all - m), 0)
+
+    offs_d = dc * BLOCK_DC + tl.arange(0, BLOCK_DC)
+    d_mask = offs_d < HEAD_DIM
+    offs_t = tl.arange(0, S_TILE)
+    acc = tl.zeros([BLOCK_DC], tl.float32)
+    for s0 in range(0, num_splits, S_TILE):
+        s_idx = s0 + offs_t
+        s_mask = s_idx < num_splits
+        lse = tl.load(MidLse + base + s_idx, mask=s_mask, other=float("-inf"))
+        o = tl.load(MidO + (base + s_idx)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.sum(tl.exp2(lse - m)[:, None] * o, 0)
+    out = acc * (v_scale / denom)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
+
+
+def decode_attention_fwd(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    out: torch.Tensor,
+    req_to_token: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float,
+    num_splits: int,
+    sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """q [B, H, d] (one new token per request, its KV already in the pool), k/v_buffer
+    [slots, KVH, d] (bf16 or fp8; stored value * k/v_scale is the real value), out [B, H, d]."""
+    batch, num_heads, head_dim = q.shape
+    kv_heads = k_buffer.shape[1]
+    group = num_heads // kv_heads
+    assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1 and out.stride(2) == 1
+    assert req_to_token.stride(1) == 1
+    cfg = config or default_decode_config(head_dim)
+    block_d = triton.next_power_of_2(head_dim)
+    mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_stage1[(batch, kv_heads, num_splits)](
+        q, k_buffer, v_buffer, mid_o, mid_lse,
+        req_to_token, req_pool_indices, seq_lens,
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
+        sm_scale * k_scale * LOG2E, sliding_window or 0, num_splits, cfg.min_chunk,
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    block_dc = min(block_d, 128)
+    _decode_stage2[(batch, num_heads, triton.cdiv(head_dim, block_dc))](
+        mid_o, mid_lse, out, out.stride(0), out.stride(1), num_splits, v_scale,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_DC=block_dc,
+        BLOCK_S=triton.next_power_of_2(num_splits), S_TILE=8, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs (the CPU test model) need exact dots; tf32 would cost ~1e-3 relative error.
+    Under the interpreter, "upcast": its dot multiplies bf16 operands as raw int16 bits, so both
+    operands go to fp32 first (bf16 products are exact in fp32: same numbers as the GPU's dot)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b with an fp32 accumulator; see _dot_precision."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+def num_sms(device: torch.device | str) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in on CPU (interpreter runs)."""
+    if torch.device(device).type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+__all__ = ["DecodeConfig", "decode_attention_fwd", "decode_num_splits", "default_decode_config", "num_sms"]
