@@ -335,6 +335,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         rows = get_dataset(args, tokenizer)
     except (DatasetError, OSError) as e:
         raise BenchmarkError(str(e)) from e
+    if len(rows) < args.num_prompts and args.dataset_name == "sharegpt":
+        print(f"WARNING: the dataset has only {len(rows)} usable prompts of the {args.num_prompts} asked for")
     print(f"#Input tokens: {sum(r.prompt_len for r in rows)}")
     print(f"#Output tokens: {sum(r.output_len for r in rows)}")
     run = asyncio.run(benchmark(args, endpoints, model, tokenizer, rows))

@@ -37,7 +37,10 @@ class ServerProcess:
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra_args,
         ]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        # One compute thread: CI has 2 cores shared with pytest and the server's main process, and
+        # oversubscribed OpenMP barriers make the tiny model's steps 10x slower.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_healthy()
 
     def log(self) -> str:
@@ -115,5 +118,70 @@ def start_server():
 
 @pytest.fixture(scope="session")
 def demo_server(start_server) -> ServerProcess:
-    # Small chunks so long prompts really go through chunked prefill.
-    return start_server("--enable-metrics", "--chunked-prefill-size", "64", "--max-total-tokens", "8192")
+    # Small chunks so long prompts really go through chunked prefill. fp32, because bf16 CPU kernels
+    # are not batch-invariant, and the tests compare batched greedy outputs with single ones.
+    return start_server("--enable-metrics", "--chunked-prefill-size", "64", "--max-total-tokens", "8192", "--dtype", "float32")
+
+
+# ------------------------------------------------------------------ a fake model for scheduler tests
+
+
+class FakeModelRunner:
+    """Stands in for ModelRunner with the same attributes and forward contract.
+
+    Its "KV cache" stores (token, position) per slot, and its next token is a hash of the whole
+    sequence read back through req_to_token, so any bookkeeping mistake (wrong slot, stale prefix,
+    lost chunk) changes the output or trips an assertion.
+    """
+
+    def __init__(self, max_total_tokens: int = 256, max_running_requests: int = 16, vocab_size: int = 97, context_len: int = 512, eos: int = 1):
+        import torch
+        from types import SimpleNamespace
+
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool, TokenToKVPoolAllocator
+
+        self.device = "cpu"
+        self.model_config = SimpleNamespace(
+            context_len=context_len, vocab_size=vocab_size, model_path="fake", architectures=["Gemma4ForCausalLM"],
+            hf_config={"top_k_experts": 2, "num_experts": 4}, hf_text_config={"eos_token_id": eos}, hf_generation_config=None,
+        )
+        self.max_total_num_tokens = max_total_tokens
+        self.max_running_requests = max_running_requests
+        self.req_to_token_pool = ReqToTokenPool(max_running_requests, context_len + 8, "cpu")
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(max_total_tokens, "cpu")
+        self.kv = torch.full((max_total_tokens + 1, 2), -1, dtype=torch.int64)
+        self.forward_calls: list = []
+
+    @staticmethod
+    def next_token(seq: list[int], vocab_size: int) -> int:
+        h = 0
+        for t in seq:
+            h = (h * 31 + t + 7) % 1_000_003
+        return 2 + h % (vocab_size - 2)  # never 0/1, so EOS only comes when a test asks for it
+
+    def forward(self, fb):
+        import torch
+
+        from sglang.srt.model_executor.forward_batch_info import LogitsProcessorOutput
+
+        self.forward_calls.append((fb.forward_mode, list(fb.extend_seq_lens_cpu)))
+        assert len(set(fb.out_cache_loc.tolist())) == fb.out_cache_loc.numel(), "slot handed out twice"
+        assert int(fb.out_cache_loc.min()) >= 1, "slot 0 is reserved"
+        self.kv[fb.out_cache_loc] = torch.stack([fb.input_ids, fb.positions], dim=1)
+        vocab = self.model_config.vocab_size
+        logits = torch.full((fb.batch_size, vocab), -20.0)
+        for i, (row, seq_len) in enumerate(zip(fb.req_pool_indices.tolist(), fb.seq_lens_cpu)):
+            slots = self.req_to_token_pool.req_to_token[row, :seq_len]
+            stored = self.kv[slots]
+            assert stored[:, 1].tolist() == list(range(seq_len)), f"positions in KV are wrong: {stored[:, 1].tolist()}"
+            logits[i, self.next_token(stored[:, 0].tolist(), vocab)] = 20.0
+        return LogitsProcessorOutput(next_token_logits=logits)
+
+
+def reference_continuation(prompt: list[int], n: int, vocab_size: int = 97) -> list[int]:
+    seq, out = list(prompt), []
+    for _ in range(n):
+        t = FakeModelRunner.next_token(seq, vocab_size)
+        out.append(t)
+        seq.append(t)
+    return out

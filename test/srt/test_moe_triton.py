@@ -150,6 +150,32 @@ def test_fused_moe_tiny(case, weight_format):
     assert rel_err(out, reference(layer, x, topk, weight_format)) <= TOL
 
 
+def test_nvfp4_bf16_expansion_path(monkeypatch):
+    """The large-batch path (experts expanded to bf16 first) computes the same function."""
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe
+
+    layer = make_moe_layer(5, 64, 48, 3, "nvfp4")
+    x = torch.randn(9, 64, device=DEV).bfloat16()
+    topk = make_routing(9, 5, 3, True)
+    ref = reference(layer, x, topk, "nvfp4")
+    cfg = _TINY_CFG if DEV == "cpu" else None
+    assert rel_err(run_triton(layer, x, topk, "nvfp4", cfg), ref) <= TOL
+    monkeypatch.setattr(fused_moe, "FP4_DEQUANT_MIN_TOKENS", 1)
+    assert rel_err(run_triton(layer, x, topk, "nvfp4", cfg), ref) <= TOL
+
+
+def test_fp4_expansion_is_exact():
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, dequantize_fp4_experts
+
+    layer = make_moe_layer(3, 64, 48, 2, "nvfp4")
+    w = ExpertWeights(layer.w13_weight, layer.w2_weight, layer.w13_weight_scale, layer.w2_weight_scale,
+                      layer.w13_weight_scale_2, layer.w2_weight_scale_2)  # fmt: skip
+    expanded = dequantize_fp4_experts(w)
+    want = dequantize_nvfp4(layer.w2_weight.cpu(), layer.w2_weight_scale.cpu(), 1.0)
+    assert torch.equal(expanded.w2.float().cpu(), want)
+    assert expanded.w13_scale_2 is layer.w13_weight_scale_2
+
+
 def test_gate_and_up_scales_are_kept_apart():
     """Swapping the two global scales must change the result: each half uses its own scale."""
     layer = make_moe_layer(4, 32, 32, 2, "nvfp4")

@@ -149,16 +149,17 @@ def test_stop_token_ids_and_max_new_tokens(demo_server):
 
 
 def test_eos_stops_unless_ignored(demo_server):
-    # Find a prompt whose greedy continuation hits an EOS id of the demo model (1, 106 or 50).
-    for i in range(40):
-        out = generate(demo_server, input_ids=[2, 10 + i, 20 + i, 30 + i], max_new_tokens=48, **GREEDY)
-        if out["meta_info"]["finish_reason"]["type"] == "stop":
-            break
-    else:
+    # One batched call over candidate prompts finds one whose greedy continuation hits an EOS id.
+    prompts = [[2, 10 + i, 20 + i, 30 + i] for i in range(32)]
+    r = httpx.post(demo_server.url + "/generate", json={"input_ids": prompts, "sampling_params": {"max_new_tokens": 32, **GREEDY}}, timeout=120)
+    hits = [(p, o) for p, o in zip(prompts, r.json()) if o["meta_info"]["finish_reason"]["type"] == "stop"]
+    if not hits:
         pytest.skip("no greedy EOS found for the demo model")
+    prompt, out = hits[0]
     assert out["output_ids"][-1] == out["meta_info"]["finish_reason"]["matched"]
-    longer = generate(demo_server, input_ids=[2, 10 + i, 20 + i, 30 + i], max_new_tokens=len(out["output_ids"]) + 3, ignore_eos=True, **GREEDY)
-    assert longer["output_ids"][: len(out["output_ids"])] == out["output_ids"]
+    n = len(out["output_ids"])
+    longer = generate(demo_server, input_ids=prompt, max_new_tokens=n + 3, ignore_eos=True, **GREEDY)
+    assert longer["output_ids"][:n] == out["output_ids"]
     assert longer["meta_info"]["finish_reason"]["type"] == "length"
 
 

@@ -57,13 +57,13 @@ def make_batch(
 ) -> tuple[ForwardBatch, list[RadixAttention], list[tuple[torch.Tensor, ...]]]:  # fmt: skip
     """A pool with every request's prefix already cached at shuffled slots, a ForwardBatch for the
     new tokens, one layer per geometry (layer i uses geoms[i]) and its (q, k, v) inputs."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=DEV).manual_seed(seed)  # on the device: GPU-sized pools are GBs
     seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     total = sum(seq_lens)
     specs = [LayerKVSpec(g.kv_heads, g.head_dim) for g in geoms]
     pool = KVCache(total + 8, specs, kv_dtype, DEV)
     r2t = ReqToTokenPool(len(seq_lens) + 2, max(seq_lens) + 4, DEV)
-    slots = (torch.randperm(total, generator=gen) + 1).to(DEV)  # slot 0 is the padding sink
+    slots = torch.randperm(total, generator=gen, device=DEV) + 1  # slot 0 is the padding sink
     rows = torch.tensor(random.Random(seed).sample(range(r2t.size), len(seq_lens)), device=DEV)
     out_loc, off = [], 0
     for row, p, s in zip(rows.tolist(), prefix_lens, seq_lens):
@@ -76,13 +76,13 @@ def make_batch(
         layer.k_scale, layer.v_scale = kv_scales
         layers.append(layer)
         amp = 1.5 * g.head_dim**-0.25  # scores ~ N(0, 1.5^2): softmax neither flat nor one-hot
-        kv_all = [torch.randn(total + 9, g.kv_heads, g.head_dim, generator=gen) for _ in range(2)]
+        kv_all = [torch.randn(total + 9, g.kv_heads, g.head_dim, generator=gen, device=DEV) for _ in range(2)]
         pool.k_buffer[i].copy_((kv_all[0] * amp / kv_scales[0]).to(kv_dtype))
         pool.v_buffer[i].copy_((kv_all[1] / kv_scales[1]).to(kv_dtype))
         n_new = sum(extend_lens)
-        q = (torch.randn(n_new, g.heads, g.head_dim, generator=gen) * amp).to(act_dtype).to(DEV)
-        k = (torch.randn(n_new, g.kv_heads, g.head_dim, generator=gen) * amp).to(act_dtype).to(DEV)
-        v = torch.randn(n_new, g.kv_heads, g.head_dim, generator=gen).to(act_dtype).to(DEV)
+        q = (torch.randn(n_new, g.heads, g.head_dim, generator=gen, device=DEV) * amp).to(act_dtype)
+        k = (torch.randn(n_new, g.kv_heads, g.head_dim, generator=gen, device=DEV) * amp).to(act_dtype)
+        v = torch.randn(n_new, g.kv_heads, g.head_dim, generator=gen, device=DEV).to(act_dtype)
         inputs.append((q, k, v))
     decode = all(e == 1 for e in extend_lens) and min(prefix_lens) > 0
     batch = ForwardBatch(
@@ -103,8 +103,9 @@ def reference(batch: ForwardBatch, layer: RadixAttention, q: torch.Tensor) -> to
     pool = batch.token_to_kv_pool
     ref_pool = KVCache(pool.size, [LayerKVSpec(1, 1)], torch.float32, DEV)
     i = layer.layer_id
-    ref_pool.k_buffer = [b.float() * (layer.k_scale if j == i else 1.0) for j, b in enumerate(pool.k_buffer)]
-    ref_pool.v_buffer = [b.float() * (layer.v_scale if j == i else 1.0) for j, b in enumerate(pool.v_buffer)]
+    ref_pool.k_buffer, ref_pool.v_buffer = list(pool.k_buffer), list(pool.v_buffer)
+    ref_pool.k_buffer[i] = pool.k_buffer[i].float() * layer.k_scale
+    ref_pool.v_buffer[i] = pool.v_buffer[i].float() * layer.v_scale
     ref_batch = ForwardBatch(**{f: getattr(batch, f) for f in batch.__dataclass_fields__})
     ref_batch.token_to_kv_pool = ref_pool
     return TorchNativeAttnBackend().forward_extend(q.float(), layer, ref_batch)

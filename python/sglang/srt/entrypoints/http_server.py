@@ -152,7 +152,7 @@ async def _native_generate(tm: TokenizerManager, request: Request):
 
 async def _native_stream(tm: TokenizerManager, items: list, is_single: bool):
     gens = [tm.generate_tokenized(t) for t in items]
-    async for out in TokenizerManager._merge_streams(gens):
+    async for out in TokenizerManager.merge_streams(gens):
         reason = out["meta_info"]["finish_reason"]
         if reason and reason.get("type") == "abort":
             yield sse(error_from_abort(reason).body())

@@ -234,7 +234,7 @@ class TokenizerManager:
             results = await asyncio.gather(*(self._last(self._generate_one(t)) for t in items))
             yield list(results)
             return
-        async for out in self._merge_streams([self._generate_one(t) for t in items]):
+        async for out in self.merge_streams([self._generate_one(t) for t in items]):
             yield out
 
     async def generate_tokenized(self, tokenized: TokenizedGenerateReqInput) -> AsyncIterator[dict]:
@@ -305,7 +305,7 @@ class TokenizerManager:
         return last
 
     @staticmethod
-    async def _merge_streams(gens: list[AsyncIterator[dict]]) -> AsyncIterator[dict]:
+    async def merge_streams(gens: list[AsyncIterator[dict]]) -> AsyncIterator[dict]:
         """Interleave several request streams; each item is tagged with its position."""
         queue: asyncio.Queue = asyncio.Queue()
         done = object()

@@ -124,31 +124,28 @@ class OpenAIServingChat(ServingBase):
         sent_text = [""] * len(gens)
         sent_tokens = [0] * len(gens)
         finals: list[dict | None] = [None] * len(gens)
-        try:
-            for i in range(len(gens)):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            async for out in TokenizerManager._merge_streams(gens):
-                i, meta = out["index"], out["meta_info"]
-                reason = meta["finish_reason"]
-                if reason and reason.get("type") == "abort":
-                    yield sse(error_from_abort(reason).body())
-                    break
-                delta = out["text"][len(sent_text[i]) :]
-                ntok = len(out["output_ids"])
-                logprobs = chat_logprobs(meta, sent_tokens[i], ntok) if req.logprobs else None
-                if delta or (logprobs and logprobs["content"]):
-                    yield chunk(i, {"content": delta}, logprobs=logprobs)
-                sent_text[i], sent_tokens[i] = out["text"], ntok
-                if reason is not None:
-                    finals[i] = meta
-                    yield chunk(i, {}, finish=finish_reason_str(reason))
-            else:
-                if include_usage and all(finals):
-                    completion = sum(m["completion_tokens"] for m in finals)
-                    yield sse({
-                        "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                        "choices": [], "usage": usage(finals[0]["prompt_tokens"], completion, finals[0]["cached_tokens"]),
-                    })
-        except ValueError as e:
-            yield sse(OpenAIError(str(e)).body())
+        for i in range(len(gens)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for out in TokenizerManager.merge_streams(gens):
+            i, meta = out["index"], out["meta_info"]
+            reason = meta["finish_reason"]
+            if reason and reason.get("type") == "abort":
+                yield sse(error_from_abort(reason).body())
+                break
+            delta = out["text"][len(sent_text[i]) :]
+            ntok = len(out["output_ids"])
+            logprobs = chat_logprobs(meta, sent_tokens[i], ntok) if req.logprobs else None
+            if delta or (logprobs and logprobs["content"]):
+                yield chunk(i, {"content": delta}, logprobs=logprobs)
+            sent_text[i], sent_tokens[i] = out["text"], ntok
+            if reason is not None:
+                finals[i] = meta
+                yield chunk(i, {}, finish=finish_reason_str(reason))
+        else:
+            if include_usage and all(finals):
+                completion = sum(m["completion_tokens"] for m in finals)
+                yield sse({
+                    "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "choices": [], "usage": usage(finals[0]["prompt_tokens"], completion, finals[0]["cached_tokens"]),
+                })
         yield SSE_DONE

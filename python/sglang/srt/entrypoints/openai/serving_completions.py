@@ -126,7 +126,7 @@ class OpenAIServingCompletion(ServingBase):
         sent_text = [""] * len(gens)
         sent_tokens = [0] * len(gens)
         finals: list[dict | None] = [None] * len(gens)
-        async for out in TokenizerManager._merge_streams(gens):
+        async for out in TokenizerManager.merge_streams(gens):
             i, meta = out["index"], out["meta_info"]
             reason = meta["finish_reason"]
             if reason and reason.get("type") == "abort":

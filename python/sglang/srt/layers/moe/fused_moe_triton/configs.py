@@ -52,8 +52,36 @@ def default_moe_config(num_tokens: int, num_experts: int, top_k: int, weight_for
     return MoeTileConfig(128, tile(128, 64, 8, 3, 0), tile(128, 64, 8, 3, 0))
 
 
+def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeTileConfig]]:
+    return [(max_m, MoeTileConfig(bm, tile(*g1), tile(*g2))) for max_m, bm, g1, g2 in rows]
+
+
 # (card, weight format, E, H, I, top_k) -> [(largest M in bucket, config), ...] ascending in M.
-TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {}
+# Gemma 4 26B-A4B on H200: the fastest of the sweep in `bench_moe_nvfp4.py --tune`, measured
+# 2026-11-28 at M = 1, 4, 16, 64, 256, 1024, 4096, 8192 (each bucket reaches halfway to the next).
+# No H100 sweep was run yet: H100 uses default_moe_config.
+TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
+    ("H200", "nvfp4", 128, 2816, 704, 8): _bucketed([
+        (2, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (8, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (32, 16, (64, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (128, 16, (64, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (512, 32, (64, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (2048, 64, (64, 64, 4, 3, 0), (64, 64, 4, 3, 0)),
+        (6144, 128, (64, 64, 4, 3, 0), (128, 64, 8, 3, 0)),
+        (1 << 30, 128, (64, 64, 4, 3, 0), (128, 64, 8, 3, 0)),
+    ]),
+    ("H200", "bf16", 128, 2816, 704, 8): _bucketed([
+        (2, 16, (64, 128, 4, 4, 1), (128, 128, 4, 3, 1)),
+        (8, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (32, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (128, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
+        (512, 32, (128, 128, 4, 3, 1), (64, 128, 4, 4, 1)),
+        (2048, 64, (64, 64, 4, 3, 0), (128, 64, 8, 3, 0)),
+        (6144, 128, (64, 64, 4, 3, 0), (256, 64, 8, 3, 0)),
+        (1 << 30, 128, (128, 64, 8, 4, 1), (128, 64, 8, 3, 0)),
+    ]),
+}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)

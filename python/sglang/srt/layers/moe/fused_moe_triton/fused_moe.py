@@ -6,6 +6,7 @@ MoE layer can be captured in a CUDA graph. Buffers are sized by upper bounds kno
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from sglang.srt.layers.moe.fused_moe_triton.configs import GemmTile, MoeTileConf
 from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     ACT_GELU_TANH,
     ACT_SILU,
+    fp4_dequant_kernel,
     moe_align_kernel,
     moe_count_kernel,
     moe_gemm1_kernel,
@@ -22,6 +24,11 @@ from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     moe_offsets_kernel,
     moe_scatter_kernel,
 )
+
+# From this many tokens on, NVFP4 experts are expanded to bf16 once per call and run through the
+# bf16 kernels: every expert is touched and in-loop decoding costs more than the expansion
+# (H200, 2026-11-28: 1711 vs 1989 us at M=4096, 2525 vs 3467 us at 8192; slower at 1024).
+FP4_DEQUANT_MIN_TOKENS = int(os.environ.get("SGLANG_MOE_FP4_DEQUANT_MIN_TOKENS", "4096"))
 
 # Above this many (token, slot) pairs the one-program align kernel is slower than three launches.
 _SINGLE_PROGRAM_ALIGN_MAX = 1024
@@ -121,13 +128,14 @@ def moe_gemm1(
     width = inter if fuse_act else 2 * inter
     h = torch.empty(aligned.max_blocks * aligned.block_m, width, dtype=torch.bfloat16, device=x.device)
     scale = w.w13_scale if w.is_fp4 else w.w13
-    gs = w.w13_scale_2 if w.is_fp4 else w.w13
+    gs = w.w13_scale_2 if w.w13_scale_2 is not None else w.w13
     grid = (aligned.max_blocks * triton.cdiv(inter, t.block_n),)
     moe_gemm1_kernel[grid](
         x, w.w13, scale, gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         x.shape[0] * top_k, top_k, inter, hidden,
         x.stride(0), w.w13.stride(0), w.w13.stride(1), scale.stride(0), scale.stride(1), h.stride(0),
         BM=aligned.block_m, W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act,
+        HAS_GS=w.w13_scale_2 is not None,
         **_launch_kwargs(t),
     )  # fmt: skip
     return h
@@ -149,16 +157,31 @@ def moe_gemm2(
     """out [pairs, H] = routing weight * gs_down * (h W_down^T), one row per (token, slot) pair."""
     hidden, inter = w.hidden, w.inter
     scale = w.w2_scale if w.is_fp4 else w.w2
-    gs = w.w2_scale_2 if w.is_fp4 else w.w2
+    gs = w.w2_scale_2 if w.w2_scale_2 is not None else w.w2
     topk_w = topk_weights.reshape(-1).float()
     grid = (aligned.max_blocks * triton.cdiv(hidden, t.block_n),)
     moe_gemm2_kernel[grid](
         h, w.w2, scale, gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         topk_w.numel(), hidden, inter,
         h.stride(0), w.w2.stride(0), w.w2.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
-        BM=aligned.block_m, W_FP4=w.is_fp4, **_launch_kwargs(t),
+        BM=aligned.block_m, W_FP4=w.is_fp4, HAS_GS=w.w2_scale_2 is not None, **_launch_kwargs(t),
     )  # fmt: skip
     return out
+
+
+def dequantize_fp4_experts(w: ExpertWeights) -> ExpertWeights:
+    """bf16 copies of the codes times block scales (exact); global scales stay for the epilogue."""
+
+    def expand(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        rows, k = packed.shape[0] * packed.shape[1], packed.shape[2] * 2
+        out = torch.empty(packed.shape[0], packed.shape[1], k, dtype=torch.bfloat16, device=packed.device)
+        grid = (triton.cdiv(rows, 16), triton.cdiv(k // 2, 128))
+        fp4_dequant_kernel[grid](packed, scale, out, rows, k, BR=16, BB=128)
+        return out
+
+    return ExpertWeights(
+        expand(w.w13, w.w13_scale), expand(w.w2, w.w2_scale), w13_scale_2=w.w13_scale_2, w2_scale_2=w.w2_scale_2
+    )
 
 
 def fused_experts(
@@ -176,6 +199,8 @@ def fused_experts(
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported MoE activation {activation!r}; supported: {sorted(_ACTIVATIONS)}")
     num_tokens, top_k = topk_ids.shape
+    if w.is_fp4 and num_tokens >= FP4_DEQUANT_MIN_TOKENS:
+        w = dequantize_fp4_experts(w)
     if config is None:
         fmt = "nvfp4" if w.is_fp4 else "bf16"
         config = get_moe_config(num_tokens, w.num_experts, w.hidden, w.inter, top_k, fmt)

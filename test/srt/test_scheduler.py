@@ -1,0 +1,274 @@
+"""Scheduler logic in-process with a fake model (see conftest.FakeModelRunner): batching, chunked
+prefill, prefix reuse, admission control, retraction, abort, stop conditions, memory accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import FakeModelRunner, reference_continuation
+from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+from sglang.srt.managers.scheduler import Scheduler, init_moe_gemm_config
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.server_args import ServerArgs
+
+
+def make_args(**overrides) -> SimpleNamespace:
+    """ServerArgs' defaults without reading a model (the scheduler only reads these fields)."""
+    args = {f.name: f.default for f in dataclasses.fields(ServerArgs) if f.default is not dataclasses.MISSING}
+    args.update(model_path="fake", chunked_prefill_size=-1, skip_tokenizer_init=True)
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def make_scheduler(runner_kw=None, **args) -> Scheduler:
+    return Scheduler(make_args(**args), model_runner=FakeModelRunner(**(runner_kw or {})))
+
+
+def submit(s: Scheduler, rid: str, prompt: list[int], max_new: int = 8, stream: bool = False, **params) -> None:
+    sp = SamplingParams(max_new_tokens=max_new, temperature=0, **params)
+    s.add_request(TokenizedGenerateReqInput(rid, prompt, sp, stream=stream))
+
+
+def run_to_completion(s: Scheduler, max_steps: int = 10_000) -> dict[str, dict]:
+    """Step until idle; returns per rid the concatenated tokens and the final output."""
+    results: dict[str, dict] = {}
+    for _ in range(max_steps):
+        for out in s.step():
+            r = results.setdefault(out.rid, {"ids": []})
+            r["ids"] += out.new_token_ids
+            r["last"] = out
+        if s.is_idle():
+            return results
+    raise AssertionError("scheduler did not finish")
+
+
+def prompt(i: int, n: int = 20) -> list[int]:
+    return [(i * 13 + j * 5) % 90 + 3 for j in range(n)]
+
+
+def assert_pool_clean(s: Scheduler) -> None:
+    assert s.check_memory()
+    assert s.kv_used_tokens() == 0
+    assert s.req_to_token_pool.available_size() == s.req_to_token_pool.size
+
+
+def test_single_request_matches_reference():
+    s = make_scheduler()
+    submit(s, "a", prompt(0), max_new=10)
+    res = run_to_completion(s)
+    assert res["a"]["ids"] == reference_continuation(prompt(0), 10)
+    assert res["a"]["last"].finished_reason == {"type": "length", "length": 10}
+    assert res["a"]["last"].completion_tokens == 10 and res["a"]["last"].prompt_tokens == 20
+    assert_pool_clean(s)
+
+
+def test_batched_requests_are_continuous():
+    s = make_scheduler()
+    for i in range(6):
+        submit(s, f"r{i}", prompt(i), max_new=5 + i)
+    res = run_to_completion(s)
+    for i in range(6):
+        assert res[f"r{i}"]["ids"] == reference_continuation(prompt(i), 5 + i)
+    modes = [m for m, _ in s.model_runner.forward_calls]
+    assert modes[0] == ForwardMode.EXTEND and modes.count(ForwardMode.EXTEND) == 1  # one prefill batch
+    assert max(len(lens) for m, lens in s.model_runner.forward_calls if m == ForwardMode.DECODE) == 6
+    assert_pool_clean(s)
+
+
+def test_new_request_joins_running_batch():
+    s = make_scheduler()
+    submit(s, "early", prompt(1), max_new=12)
+    for _ in range(3):
+        s.step()
+    submit(s, "late", prompt(2), max_new=4)
+    res = run_to_completion(s)
+    assert res["early"]["ids"] == reference_continuation(prompt(1), 12)
+    assert res["late"]["ids"] == reference_continuation(prompt(2), 4)
+    decode_sizes = [len(lens) for m, lens in s.model_runner.forward_calls if m == ForwardMode.DECODE]
+    assert 2 in decode_sizes
+
+
+def test_streaming_outputs_arrive_every_step():
+    s = make_scheduler()
+    submit(s, "s", prompt(3), max_new=5, stream=True)
+    chunks = []
+    while not s.is_idle():
+        chunks += [o.new_token_ids for o in s.step()]
+    assert chunks == [[t] for t in reference_continuation(prompt(3), 5)]
+
+
+def test_chunked_prefill_splits_long_prompts():
+    s = make_scheduler(runner_kw={"max_total_tokens": 512}, chunked_prefill_size=16)
+    long_prompt = prompt(4, 70)
+    submit(s, "long", long_prompt, max_new=4)
+    submit(s, "short", prompt(5), max_new=4)
+    res = run_to_completion(s)
+    assert res["long"]["ids"] == reference_continuation(long_prompt, 4)
+    assert res["short"]["ids"] == reference_continuation(prompt(5), 4)
+    extend_tokens = [sum(lens) for m, lens in s.model_runner.forward_calls if m == ForwardMode.EXTEND]
+    assert max(extend_tokens) <= 16 and sum(extend_tokens) == 70 + 20
+    assert_pool_clean(s)
+
+
+def test_prefix_cache_reuses_kv_and_reports_cached_tokens():
+    s = make_scheduler(runner_kw={"max_total_tokens": 512})
+    base = prompt(6, 40)
+    submit(s, "first", base, max_new=3)
+    first = run_to_completion(s)["first"]
+    assert first["last"].cached_tokens == 0
+    submit(s, "second", base[:30] + [7, 8, 9], max_new=3)
+    second = run_to_completion(s)["second"]
+    assert second["last"].cached_tokens == 30
+    assert second["ids"] == reference_continuation(base[:30] + [7, 8, 9], 3)
+    computed = [sum(lens) for m, lens in s.model_runner.forward_calls if m == ForwardMode.EXTEND]
+    assert computed[-1] == 3  # only the new suffix was prefilled
+    # An identical prompt reuses all but the last token (its logits are needed).
+    submit(s, "same", base, max_new=3)
+    same = run_to_completion(s)["same"]
+    assert same["last"].cached_tokens == 39 and same["ids"] == first["ids"]
+    assert_pool_clean(s)
+
+
+def test_disable_radix_cache():
+    s = make_scheduler(disable_radix_cache=True)
+    submit(s, "a", prompt(7), max_new=3)
+    run_to_completion(s)
+    submit(s, "b", prompt(7), max_new=3)
+    assert run_to_completion(s)["b"]["last"].cached_tokens == 0
+    assert s.allocator.available_size() == s.max_total_num_tokens
+    assert_pool_clean(s)
+
+
+def test_admission_control_and_retraction_under_tiny_pool():
+    # 12 requests x (20 prompt + 30 output) need 600 slots; the pool has 128.
+    s = make_scheduler(runner_kw={"max_total_tokens": 128}, schedule_conservativeness=0.3)
+    for i in range(12):
+        submit(s, f"r{i}", prompt(i), max_new=30)
+    res = run_to_completion(s)
+    for i in range(12):
+        assert res[f"r{i}"]["ids"] == reference_continuation(prompt(i), 30), i
+    assert s.stats["num_retractions"] > 0
+    assert_pool_clean(s)
+
+
+def test_retraction_with_radix_cache_disabled():
+    s = make_scheduler(runner_kw={"max_total_tokens": 100}, schedule_conservativeness=0.3, disable_radix_cache=True, chunked_prefill_size=8)
+    for i in range(8):
+        submit(s, f"r{i}", prompt(i), max_new=25)
+    res = run_to_completion(s)
+    for i in range(8):
+        assert res[f"r{i}"]["ids"] == reference_continuation(prompt(i), 25)
+    assert s.stats["num_retractions"] > 0
+    assert s.allocator.available_size() == 100
+
+
+def test_max_new_tokens_is_clipped_to_the_pool():
+    s = make_scheduler(runner_kw={"max_total_tokens": 64})
+    submit(s, "big", prompt(8, 40), max_new=500)
+    res = run_to_completion(s)
+    assert len(res["big"]["ids"]) == 64 - 40
+    assert res["big"]["last"].finished_reason["type"] == "length"
+
+
+def test_prompt_too_long_for_pool_or_context_is_rejected():
+    s = make_scheduler(runner_kw={"max_total_tokens": 64, "context_len": 512})
+    submit(s, "pool", prompt(9, 80))
+    submit(s, "ctx", prompt(9, 600))
+    submit(s, "empty", [])
+    outs = {o.rid: o for o in s.step()}
+    assert outs["pool"].finished_reason["type"] == "abort" and outs["pool"].finished_reason["status_code"] == 400
+    assert "context length" in outs["ctx"].finished_reason["message"]
+    assert outs["empty"].finished_reason["status_code"] == 400
+    assert s.is_idle()
+
+
+def test_abort_waiting_running_and_chunked_requests_frees_everything():
+    s = make_scheduler(runner_kw={"max_total_tokens": 512, "max_running_requests": 2}, chunked_prefill_size=8)
+    submit(s, "run", prompt(10), max_new=100)
+    submit(s, "chunk", prompt(11, 60), max_new=100)
+    submit(s, "wait", prompt(12), max_new=100)
+    for _ in range(3):
+        s.step()
+    assert s.chunked_req is not None and s.running_reqs and s.waiting_queue
+    for rid in ("wait", "chunk", "run"):
+        s.abort_request(rid)
+    outs = {o.rid: o for o in s.step()}
+    assert {rid: o.finished_reason["type"] for rid, o in outs.items()} == {"wait": "abort", "chunk": "abort", "run": "abort"}
+    assert s.is_idle()
+    assert_pool_clean(s)
+
+
+def test_stop_token_ids_eos_and_ignore_eos():
+    ref = reference_continuation(prompt(13), 10)
+    s = make_scheduler(runner_kw={"eos": ref[4]})
+    submit(s, "eos", prompt(13), max_new=10)
+    submit(s, "ignore", prompt(13), max_new=10, ignore_eos=True)
+    submit(s, "stop_id", prompt(13), max_new=10, ignore_eos=True, stop_token_ids=[ref[2]])
+    res = run_to_completion(s)
+    assert res["eos"]["ids"] == ref[:5] and res["eos"]["last"].finished_reason == {"type": "stop", "matched": ref[4]}
+    assert res["ignore"]["ids"] == ref
+    k = ref.index(ref[2])
+    assert res["stop_id"]["ids"] == ref[: k + 1]
+
+
+def test_max_new_tokens_zero_finishes_without_compute():
+    s = make_scheduler()
+    submit(s, "zero", prompt(14), max_new=0)
+    outs = s.step()
+    assert outs[0].finished_reason == {"type": "length", "length": 0} and outs[0].new_token_ids == []
+    assert s.model_runner.forward_calls == []
+
+
+def test_flush_cache_only_when_idle():
+    s = make_scheduler()
+    submit(s, "a", prompt(15), max_new=5)
+    s.step()
+    assert not s.flush_cache().success
+    run_to_completion(s)
+    assert s.tree_cache.total_size() > 0
+    assert s.flush_cache().success
+    assert s.tree_cache.total_size() == 0 and s.allocator.available_size() == s.max_total_num_tokens
+
+
+def test_max_running_requests_is_respected():
+    s = make_scheduler(runner_kw={"max_running_requests": 16}, max_running_requests=3)
+    for i in range(7):
+        submit(s, f"r{i}", prompt(i), max_new=6)
+    res = run_to_completion(s)
+    assert len(res) == 7
+    assert max(len(lens) for _, lens in s.model_runner.forward_calls) <= 3
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch():
+    def sample(batch_with: int) -> list[int]:
+        s = make_scheduler()
+        sp = lambda seed: SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed)  # noqa: E731
+        # Flatten the fake model's one-hot logits so sampling really is random.
+        forward = s.model_runner.forward
+        s.model_runner.forward = lambda fb: type(out := forward(fb))(next_token_logits=out.next_token_logits / 40)
+        for i in range(batch_with):
+            s.add_request(TokenizedGenerateReqInput(f"other{i}", prompt(i + 20), sp(i)))
+        s.add_request(TokenizedGenerateReqInput("me", prompt(30), sp(42)))
+        return run_to_completion(s)["me"]["ids"]
+
+    mine = sample(0)
+    assert mine == sample(5)
+    assert mine != reference_continuation(prompt(30), 8)  # it did sample, not argmax
+
+
+@pytest.mark.parametrize("key", ["num_experts_per_tok", "num_experts_per_token", "top_k_experts", "moe_top_k"])
+def test_init_moe_gemm_config_reads_every_top_k_spelling(key):
+    assert init_moe_gemm_config({key: 8, "num_experts": 128}).top_k == 8
+    nested = {"architectures": ["Gemma4ForConditionalGeneration"], "text_config": {key: 4, "num_experts": 16}}
+    cfg = init_moe_gemm_config(nested)
+    assert (cfg.top_k, cfg.num_experts) == (4, 16)
+    # Works on config objects as well as dicts.
+    assert init_moe_gemm_config(SimpleNamespace(text_config=SimpleNamespace(**{key: 2}))).top_k == 2
+
+
+def test_init_moe_gemm_config_without_moe():
+    assert init_moe_gemm_config({"hidden_size": 8}).top_k is None
