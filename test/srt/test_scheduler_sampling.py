@@ -69,6 +69,8 @@ def test_logprobs_are_of_the_raw_distribution():
         ({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.01}, "top_p"),
         ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"bogus": 1}, "unsupported"),
+        ({"temperature": "hot"}, "temperature"), ({"max_new_tokens": 2.5}, "max_new_tokens"), ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"stop": 5}, "stop"),
     ],
 )
 def test_sampling_params_validation(params, field):

@@ -268,6 +268,11 @@ BAD_REQUESTS = [
     ("/generate", {"text": "hi", "input_ids": [1, 2]}),
     ("/generate", {"input_ids": [1, 100000]}),
     ("/generate", {"text": "hi", "extra": True}),
+    ("/generate", {"text": "hi", "sampling_params": {"temperature": "hot"}}),
+    ("/generate", {"text": "hi", "sampling_params": "greedy"}),
+    ("/generate", {"text": [], "sampling_params": {}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
+    ("/v1/chat/completions", {"messages": "hi"}),
 ]
 
 

@@ -12,12 +12,12 @@ import pytest
 from conftest import pid_alive
 
 NUM_REQUESTS = 50
-MAX_NEW = 40
-POOL = 256
+MAX_NEW = 24
+POOL = 192
 
 
 def prompt_ids(i: int) -> list[int]:
-    return [2] + [(i * 31 + j * 7) % 700 + 5 for j in range(59)]  # 60 tokens, + 40 out = 100 per request
+    return [2] + [(i * 31 + j * 7) % 700 + 5 for j in range(23)]  # 24 tokens + 24 out: a quarter of the pool
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ def test_decode_splits_and_tiles_tiny():
         batch.token_to_kv_pool.set_kv_buffer(layer.layer_id, batch.out_cache_loc, k, v)
         ref = reference(batch, layer, q)
         k_buf, v_buf = batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        for splits, cfg in ((5, DecodeConfig(16, 4, 1, 16)), (3, DecodeConfig(16, 4, 1, 4))):
+        for splits, cfg in ((5, DecodeConfig(16, 4, 1, 16)), (3, DecodeConfig(16, 4, 1, 4)), (1, DecodeConfig(16, 4, 1, 16))):
             out = torch.empty_like(q)
             decode_attention_fwd(
                 q, k_buf, v_buf, out, batch.req_to_token_pool.req_to_token, batch.req_pool_indices,

@@ -8,6 +8,13 @@ the front of the queue, to resume from whatever of that KV survives.
 
 `Scheduler` is a plain object driven by `step()`, so tests can run it in-process with a fake model
 runner; `run_scheduler_process` wraps it in the ZMQ event loop of the scheduler child process.
+
+Sliding-window layers (design, not built yet): every KV decision here goes through the allocator
+(available_size/alloc/free) and the radix tree (evictable_size/evict), never through layer shapes. A
+separate pool for sliding layers adds a second allocator: after each step a request can free its
+sliding slots that fell more than `sliding_window` behind its newest token, admission and
+`_can_alloc` check both pools, and a cached prefix is reusable for sliding layers only when its last
+window of slots is still held.
 """
 
 from __future__ import annotations

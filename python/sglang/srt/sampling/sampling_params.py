@@ -29,6 +29,8 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: dict | None) -> "SamplingParams":
         """Build from a user dict; unknown keys are an error, never silently dropped."""
+        if d is not None and not isinstance(d, dict):
+            raise ValueError(f"sampling_params must be an object, got {type(d).__name__}")
         d = dict(d or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -44,7 +46,8 @@ class SamplingParams:
         return params
 
     def verify(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first out-of-range parameter."""
+        """Raise ValueError naming the first mistyped or out-of-range parameter."""
+        self._check_types()
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0):
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens}")
         if self.temperature is not None and self.temperature < 0:
@@ -62,6 +65,24 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise ValueError(f"stop_token_ids contains an invalid token id {t!r}")
+
+    def _check_types(self) -> None:
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if value is not None and not is_num(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name in ("max_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        if not isinstance(self.stop, list) or not isinstance(self.stop_token_ids, list):
+            raise ValueError("stop must be a string or a list of strings, and stop_token_ids a list of integers")
 
     def fill_defaults(self, defaults: dict | None) -> None:
         """Replace unset knobs with the model's generation_config values, then plain fallbacks."""

@@ -38,11 +38,13 @@ class DecodeConfig:
 
 
 def default_decode_config(head_dim: int) -> DecodeConfig:
-    """Tiles by head dim; K and V tiles of block_n x head_dim stay near 32 KiB each."""
+    """32-key tiles, 3 stages: the best of a sweep on H200 (benchmark/README_attention.md): 0.90
+    (full) and 0.99 (sliding) of copy bandwidth at batch 64, 8k context. min_chunk 32 on sliding
+    layers: 8.7 us vs 10.2 (64) vs 12.9 (128) at batch 1, where the window's 1024 keys are latency-bound."""
     if head_dim >= 512:
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_chunk=128)
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=3, min_chunk=128)
     if head_dim >= 256:
-        return DecodeConfig(block_n=64, num_warps=4, num_stages=2, min_chunk=128)
+        return DecodeConfig(block_n=32, num_warps=4, num_stages=3, min_chunk=32)
     return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_chunk=64)
 
 
@@ -53,13 +55,13 @@ def decode_num_splits(batch: int, kv_heads: int, num_sms: int, max_splits: int =
 
 @triton.jit
 def _decode_stage1(
-    Q, K, V, MidO, MidLse,
+    Q, K, V, MidO, MidLse, O,
     req_to_token, req_pool_indices, seq_lens,
-    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_r2t,
-    scale_log2, window, num_splits, min_chunk,
+    stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_r2t, stride_ob, stride_oh,
+    scale_log2, v_scale, window, num_splits, min_chunk,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, DIRECT_OUT: tl.constexpr, FP8_KV: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -86,6 +88,8 @@ def _decode_stage1(
         Q + b * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
         mask=g_mask[:, None] & d_mask[None, :], other=0.0,
     )  # fmt: skip
+    if FP8_KV:
+        q = q.to(tl.float16)  # see is_fp8: the K/V tiles then convert in one instruction
 
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -108,41 +112,40 @@ def _decode_stage1(
         acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION)
         m_i = m_new
 
-    # An empty split leaves l_i = 0: its lse is -inf and its output 0, so stage 2 gives it no weight.
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    mid_row = (b * NUM_HEADS + head) * num_splits + split
-    tl.store(MidO + mid_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(MidLse + mid_row, lse, mask=g_mask)
+    io_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT_OUT:
+        # One split (large batches): this is the final output; skip the merge launch.
+        o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, (out * v_scale).to(O.dtype.element_ty), mask=io_mask)
+    else:
+        # An empty split leaves l_i = 0: lse -inf and output 0, so stage 2 gives it no weight.
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        mid_row = (b * NUM_HEADS + head) * num_splits + split
+        tl.store(MidO + mid_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=io_mask)
+        tl.store(MidLse + mid_row, lse, mask=g_mask)
 
 
 @triton.jit
 def _decode_stage2(
     MidO, MidLse, O,
     stride_ob, stride_oh, num_splits, v_scale,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DC: tl.constexpr,
-    BLOCK_S: tl.constexpr, S_TILE: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    """Merge: out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m). All splits of a head-dim chunk
+    are loaded at once (one memory round trip; a loop over splits would wait on each in turn)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     dc = tl.program_id(2)
     base = (b * NUM_HEADS + h) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
-    lse_all = tl.load(MidLse + base + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.max(lse_all, 0)
-    denom = tl.sum(tl.exp2(lse_all - m), 0)
-
+    s_mask = offs_s < num_splits
     offs_d = dc * BLOCK_DC + tl.arange(0, BLOCK_DC)
     d_mask = offs_d < HEAD_DIM
-    offs_t = tl.arange(0, S_TILE)
-    acc = tl.zeros([BLOCK_DC], tl.float32)
-    for s0 in range(0, num_splits, S_TILE):
-        s_idx = s0 + offs_t
-        s_mask = s_idx < num_splits
-        lse = tl.load(MidLse + base + s_idx, mask=s_mask, other=float("-inf"))
-        o = tl.load(MidO + (base + s_idx)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += tl.sum(tl.exp2(lse - m)[:, None] * o, 0)
-    out = acc * (v_scale / denom)
+    lse = tl.load(MidLse + base + offs_s, mask=s_mask, other=float("-inf"))
+    o = tl.load(MidO + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    w = tl.exp2(lse - tl.max(lse, 0))
+    out = tl.sum(w[:, None] * o, 0) * (v_scale / tl.sum(w, 0))
     tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_mask)
 
 
@@ -170,24 +173,29 @@ def decode_attention_fwd(
     assert req_to_token.stride(1) == 1
     cfg = config or default_decode_config(head_dim)
     block_d = triton.next_power_of_2(head_dim)
-    mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    direct = num_splits == 1
+    mid_shape = (1, 1) if direct else (batch, num_heads, num_splits)
+    mid_o = torch.empty((*mid_shape, head_dim), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(mid_shape, dtype=torch.float32, device=q.device)
     _decode_stage1[(batch, kv_heads, num_splits)](
-        q, k_buffer, v_buffer, mid_o, mid_lse,
+        q, k_buffer, v_buffer, mid_o, mid_lse, out,
         req_to_token, req_pool_indices, seq_lens,
         q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
-        v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0),
-        sm_scale * k_scale * LOG2E, sliding_window or 0, num_splits, cfg.min_chunk,
+        v_buffer.stride(0), v_buffer.stride(1), req_to_token.stride(0), out.stride(0), out.stride(1),
+        sm_scale * k_scale * LOG2E, v_scale, sliding_window or 0, num_splits, cfg.min_chunk,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype), DIRECT_OUT=direct,
+        FP8_KV=is_fp8(k_buffer.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    block_dc = min(block_d, 128)
+    if direct:
+        return out
+    block_s = triton.next_power_of_2(num_splits)
+    block_dc = min(block_d, max(16, 4096 // block_s))  # [splits, chunk] fp32 tile <= 16 KiB
     _decode_stage2[(batch, num_heads, triton.cdiv(head_dim, block_dc))](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_splits, v_scale,
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_DC=block_dc,
-        BLOCK_S=triton.next_power_of_2(num_splits), S_TILE=8, num_warps=4,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_DC=block_dc, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -199,6 +207,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    """FP8 KV runs its dots in fp16, not the activations' bf16: e4m3 -> f16 is one PTX
+    instruction (cvt.rn.f16x2.e4m3x2) while e4m3 -> bf16 goes through f16 plus a scalar F2F per
+    element, which on sm_90 made fp8 decode slower per byte than bf16 (0.39 vs 0.90 of copy
+    bandwidth, full layer, batch 64). q (bf16, RMS-normed) fits fp16 exactly unless |q| > 65504;
+    softmax weights lose nothing (fp16 has more mantissa than bf16)."""
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.attention.triton_ops.decode_attention import LOG2E, _dot, _dot_precision
+from sglang.srt.layers.attention.triton_ops.decode_attention import LOG2E, _dot, _dot_precision, is_fp8
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,12 @@ class ExtendConfig:
 
 
 def default_extend_config(head_dim: int) -> ExtendConfig:
-    """Picked from sm_90 resource reports (cuobjdump -res-usage on AOT builds): the largest tiles
-    that compile without register spills; d=256 at 64 rows gets wgmma (HGMMA)."""
+    """Best of a sweep on H200 for a 1000-token prompt (benchmark/README_attention.md). d=512 at
+    4 warps spills a little (88 B stack on sm_90) yet beat 8 warps (203 us vs 286)."""
     if head_dim >= 512:
-        return ExtendConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)  # 174 regs
+        return ExtendConfig(block_m=32, block_n=32, num_warps=4, num_stages=3)
     if head_dim >= 256:
-        return ExtendConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)  # 190 regs, HGMMA
+        return ExtendConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)  # wgmma (HGMMA)
     return ExtendConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
 
 
@@ -77,7 +77,7 @@ def _extend_kernel(
     scale_log2, v_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_KV: tl.constexpr,
 ):  # fmt: skip
     req = tl.program_id(0)
     mblk = tl.program_id(1)
@@ -99,6 +99,8 @@ def _extend_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     io_mask = m_mask[:, None] & d_mask[None, :]
     q = tl.load(Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=io_mask, other=0.0)
+    if FP8_KV:
+        q = q.to(tl.float16)  # see decode_attention.is_fp8
 
     # Key range of this block: its first row's window start .. its last row's position.
     first_pos = prefix + (mblk * BLOCK_M) // GROUP
@@ -179,7 +181,7 @@ def extend_attention_fwd(
         sm_scale * k_scale * LOG2E, v_scale, sliding_window or 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype), FP8_KV=is_fp8(k_buffer.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
