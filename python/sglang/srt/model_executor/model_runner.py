@@ -31,6 +31,10 @@ def default_moe_backend(device: str) -> str:
     return "triton" if device.startswith("cuda") else "torch"
 
 
+def default_attention_backend(device: str) -> str:
+    return "triton" if device.startswith("cuda") else "torch_native"
+
+
 class ModelRunner:
     def __init__(self, server_args, model_config: ModelConfig | None = None):
         self.server_args = server_args
@@ -45,7 +49,7 @@ class ModelRunner:
         self.model = load_model(
             self.model_config, server_args.load_format, self.device, moe_backend, server_args.random_seed
         )
-        self.attn_backend = get_attention_backend(server_args.attention_backend or "torch_native")
+        self.attn_backend = get_attention_backend(server_args.attention_backend or default_attention_backend(self.device))
         self._init_memory_pools()
 
     def _kv_dtype(self) -> torch.dtype:

@@ -85,6 +85,8 @@ def check_common(req: Any, max_tokens: int | None) -> None:
             raise OpenAIError(f"'{name}' is not supported by this server (only 0)", param=name)
     if req.stream_options is not None and not req.stream:
         raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
+    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
+        raise OpenAIError("stream_options.continuous_usage_stats is not supported by this server", param="stream_options")
 
 
 def sampling_params_dict(req: Any, max_tokens: int | None, choice: int) -> dict:
