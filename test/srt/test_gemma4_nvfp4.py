@@ -197,6 +197,20 @@ def test_unsupported_features_are_rejected(tmp_path, override, message):
         ModelConfig(str(path))
 
 
+def test_quantization_read_from_config_json_alone(checkpoints, tmp_path):
+    """Without hf_quant_config.json, config.json's quantization_config is used (same exclusions)."""
+    path = tmp_path / "ck"
+    shutil.copytree(checkpoints["nvfp4-mm-keqv"], path)
+    (path / "hf_quant_config.json").unlink()
+    cfg = ModelConfig(str(path))
+    assert cfg.quantization == "modelopt_fp4"
+    assert ModelOptFp4Config.from_config(cfg.quant_config).is_excluded("model.layers.0.router.proj")
+    prompts = _prompts(cfg.vocab_size, (9,))
+    a = _all_logits(_runner(path), prompts)[0]
+    b = _all_logits(_runner(checkpoints["nvfp4-mm-keqv"]), prompts)[0]
+    assert torch.equal(a, b)
+
+
 def test_quantization_flag_must_match_checkpoint(checkpoints):
     with pytest.raises(ValueError, match="does not match"):
         ModelConfig(str(checkpoints["bf16-causal-no-keqv"]), quantization="modelopt_fp4")

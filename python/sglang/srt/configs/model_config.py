@@ -114,8 +114,6 @@ def _check_supported_text_config(text: dict) -> None:
         raise ValueError("KV sharing across layers (num_kv_shared_layers > 0) is not supported yet")
     if text.get("use_bidirectional_attention") == "all":
         raise ValueError("use_bidirectional_attention='all' (encoder-style Gemma 4) is not supported")
-    if text.get("use_double_wide_mlp") and text.get("num_kv_shared_layers"):
-        raise ValueError("use_double_wide_mlp is not supported")
     if text.get("attention_bias"):
         raise ValueError("attention_bias=True is not supported for Gemma 4")
     act = text.get("hidden_activation", "gelu_pytorch_tanh")
@@ -193,7 +191,8 @@ class ModelConfig:
 
     def _resolve_dtype(self, dtype: str) -> torch.dtype:
         if dtype == "auto":
-            name = self.text_config.get("dtype") or self.text_config.get("torch_dtype") or self.config_dict.get("dtype") or self.config_dict.get("torch_dtype") or "bfloat16"
+            keys = ("dtype", "torch_dtype")
+            name = next((c[k] for c in (self.text_config, self.config_dict) for k in keys if c.get(k)), "bfloat16")
             # fp32 checkpoints serve in bf16 by default, as SGLang does.
             return torch.bfloat16 if name in ("float32", "float") else _DTYPES.get(name, torch.bfloat16)
         if dtype not in _DTYPES:

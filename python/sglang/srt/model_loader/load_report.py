@@ -30,7 +30,7 @@ class LoadReport:
         from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
         if isinstance(module, FusedMoE):
-            shards = ("w1", "w3") if ".w13_" in f".{param_name.rsplit('.', 1)[-1]}" else ("w2",)
+            shards = ("w1", "w3") if param_name.rsplit(".", 1)[-1].startswith("w13_") else ("w2",)
             return {(e, s) for e in range(module.num_experts) for s in shards}
         if isinstance(module, LinearBase) and len(module.output_sizes) > 1:
             return set(module.shard_names)

@@ -116,7 +116,6 @@ class Gemma4DecoderLayer(torch.nn.Module):
                 cfg["num_experts"], cfg["top_k_experts"], hidden, cfg["moe_intermediate_size"], dtype,
                 act, quant_config, f"{prefix}.experts", moe_backend,
             )
-            self.experts.router_per_expert_scale = None  # filled after loading (see Gemma4ForCausalLM)
         for name in norms:
             setattr(self, name, RMSNorm(hidden, eps, params_dtype=dtype))
         self.layer_scalar = _param((1,), dtype)
@@ -201,9 +200,12 @@ class Gemma4ForCausalLM(torch.nn.Module):
     skipped_prefixes: tuple[str, ...] = ()
 
     def _to_param_name(self, ckpt_name: str) -> str | None:
-        if not ckpt_name.startswith(self.checkpoint_prefix) and not ckpt_name.startswith("lm_head."):
-            return None
-        return "model." + ckpt_name[len(self.checkpoint_prefix) :] if not ckpt_name.startswith("lm_head.") else ckpt_name
+        # Our text model is `self.model`, whatever the checkpoint calls it.
+        if ckpt_name == "lm_head.weight":
+            return ckpt_name
+        if ckpt_name.startswith(self.checkpoint_prefix):
+            return "model." + ckpt_name[len(self.checkpoint_prefix) :]
+        return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> LoadReport:
         params = dict(self.named_parameters())

@@ -13,11 +13,5 @@ class Gemma4ForConditionalGeneration(Gemma4ForCausalLM):
     checkpoint_prefix = "model.language_model."
     skipped_prefixes = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
 
-    def _to_param_name(self, ckpt_name: str) -> str | None:
-        # Our text model is `self.model`, whatever the checkpoint calls it.
-        if ckpt_name.startswith(self.checkpoint_prefix):
-            return "model." + ckpt_name[len(self.checkpoint_prefix) :]
-        return ckpt_name if ckpt_name == "lm_head.weight" else None
-
 
 EntryClass = Gemma4ForConditionalGeneration
