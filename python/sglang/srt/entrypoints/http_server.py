@@ -74,7 +74,8 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
         info = tm.scheduler_info
         return {
             "model_path": server_args.model_path,
-            "tokenizer_path": server_args.tokenizer_path,
+            # Where the tokenizer really came from (a demo name or shipped config resolves to a dir).
+            "tokenizer_path": getattr(tm.tokenizer, "name_or_path", None) or server_args.tokenizer_path,
             "served_model_name": server_args.served_model_name,
             "is_generation": True,
             "architectures": info.get("architectures"),

@@ -66,13 +66,9 @@ def load_tokenizer(server_args):
         return None
     from transformers import AutoTokenizer
 
-    from sglang.srt.model_loader.weight_utils import resolve_model_path
+    from sglang.srt.model_loader.weight_utils import resolve_tokenizer_path
 
-    path = server_args.tokenizer_path
-    # The default tokenizer path is the model path, which may be a demo name or a hub id.
-    if path == server_args.model_path:
-        path = str(resolve_model_path(path, server_args.revision, server_args.download_dir))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(server_args))
     chat_template = server_args.chat_template
     if chat_template:
         from pathlib import Path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
@@ -10,6 +11,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 from safetensors import SafetensorError
+
+logger = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
@@ -39,6 +42,22 @@ def resolve_model_path(
     if load_format == "dummy" and shipped_config_dir(model_path):
         return shipped_config_dir(model_path)
     return _download(model_path, revision, download_dir)
+
+
+def resolve_tokenizer_path(server_args) -> str:
+    """The tokenizer directory. Dummy-weight runs on a shipped config-only model fall back to the
+    demo tokenizer: their output is meaningless text anyway, and benchmarks count tokens."""
+    path = server_args.tokenizer_path
+    if path != server_args.model_path:
+        return path
+    load_format = getattr(server_args, "load_format", "auto")
+    resolved = resolve_model_path(path, server_args.revision, server_args.download_dir, load_format)
+    if load_format == "dummy" and not any(resolved.glob("tokenizer*")):
+        from sglang.test.make_gemma4_checkpoint import ensure_demo_model
+
+        logger.warning("%s ships no tokenizer; using the demo tokenizer for dummy weights", resolved)
+        return str(ensure_demo_model())
+    return str(resolved)
 
 
 def _download(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
