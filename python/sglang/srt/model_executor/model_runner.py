@@ -8,6 +8,7 @@ import torch
 
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers.attention import get_attention_backend
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVCache, LayerKVSpec, ReqToTokenPool, TokenToKVPoolAllocator
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsProcessorOutput
 from sglang.srt.model_loader.loader import load_model
@@ -51,6 +52,20 @@ class ModelRunner:
         )
         self.attn_backend = get_attention_backend(server_args.attention_backend or default_attention_backend(self.device))
         self._init_memory_pools()
+        self.graph_runner = self._init_cuda_graphs()
+
+    def _init_cuda_graphs(self):
+        args = self.server_args
+        if not self.device.startswith("cuda") or getattr(args, "disable_cuda_graph", False):
+            return None
+        # The reference backends look at host-side lengths and expert lists, which a graph would freeze.
+        if self.moe_runner_backend == "torch" or isinstance(self.attn_backend, TorchNativeAttnBackend):
+            logger.info("CUDA graphs off: the torch reference MoE runner / attention backend cannot be captured")
+            return None
+        from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+        max_bs = min(getattr(args, "cuda_graph_max_bs", None) or 160, self.max_running_requests)
+        return CudaGraphRunner(self, max_bs)
 
     def _kv_dtype(self) -> torch.dtype:
         choice = self.server_args.kv_cache_dtype
@@ -89,8 +104,13 @@ class ModelRunner:
             self.max_total_num_tokens, kv_dtype, self.max_running_requests,
         )
 
-    @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch)
+        return self.forward_eager(batch)
+
+    @torch.no_grad()
+    def forward_eager(self, batch: ForwardBatch) -> LogitsProcessorOutput:
         batch.attn_backend = self.attn_backend
         batch.req_to_token_pool = self.req_to_token_pool
         batch.token_to_kv_pool = self.kv_cache

@@ -142,12 +142,12 @@ class Gemma4TextModel(torch.nn.Module):
             for i, spec in enumerate(specs)
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), params_dtype=dtype)
-        self.embed_scale = cfg["hidden_size"] ** 0.5
+        # sqrt(H) rounded to the weight dtype first, as the reference does; a Python float keeps the
+        # forward free of host tensors (CUDA graph capture).
+        self.embed_scale = float(torch.tensor(cfg["hidden_size"] ** 0.5, dtype=dtype))
 
     def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
-        weight = self.embed_tokens.weight
-        # The scale is rounded to the weight dtype first, as the reference does.
-        h = F.embedding(input_ids, weight) * torch.tensor(self.embed_scale, dtype=weight.dtype)
+        h = F.embedding(input_ids, self.embed_tokens.weight) * self.embed_scale
         for layer in self.layers:
             h = layer(positions, h, forward_batch)
         return self.norm(h)
@@ -177,10 +177,16 @@ class Gemma4ForCausalLM(torch.nn.Module):
     @torch.no_grad()
     def forward(self, input_ids, positions, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
         hidden = self.model(input_ids, positions, forward_batch)
-        last = torch.tensor(forward_batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
-        all_logits = self.compute_logits(hidden) if forward_batch.return_all_logits else None
-        next_logits = all_logits[last] if all_logits is not None else self.compute_logits(hidden[last])
-        return LogitsProcessorOutput(next_token_logits=next_logits, all_logits=all_logits)
+        if forward_batch.return_all_logits:
+            all_logits = self.compute_logits(hidden)
+            return LogitsProcessorOutput(all_logits[self._last_token_index(forward_batch, hidden)], all_logits)
+        if not forward_batch.forward_mode.is_decode():
+            hidden = hidden[self._last_token_index(forward_batch, hidden)]
+        return LogitsProcessorOutput(next_token_logits=self.compute_logits(hidden))
+
+    @staticmethod
+    def _last_token_index(forward_batch: ForwardBatch, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(forward_batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.lm_head_weight()).float()
