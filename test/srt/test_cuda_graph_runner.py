@@ -84,7 +84,7 @@ def test_real_cuda_graphs_match_eager_on_gpu(tmp_path):
     from sglang.test.static_batch import greedy_generate
 
     path = write_checkpoint(tmp_path / "ck", "nvfp4-per-expert", seed=7)
-    common = dict(model_path=str(path), dtype="float32", device="cuda", cuda_graph_max_bs=8)
+    common = dict(model_path=str(path), dtype="float32", device="cuda", cuda_graph_max_bs=8, max_total_tokens=4096)
     with_graphs = ModelRunner(ServerArgs(**common))
     eager = ModelRunner(ServerArgs(**common, disable_cuda_graph=True))
     assert with_graphs.graph_runner is not None and eager.graph_runner is None
