@@ -10,7 +10,7 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from sglang.srt.managers.tokenizer_manager import TokenizerManager
@@ -211,8 +211,22 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 class ServingBase:
+    """One OpenAI endpoint: parse and validate, tokenize, then stream or answer once."""
+
+    request_cls: type = None  # the pydantic request model
+    unsupported_fields: set[str] = frozenset()
+
     def __init__(self, tokenizer_manager: TokenizerManager):
         self.tm = tokenizer_manager
+
+    async def handle(self, request: Request):
+        req = parse_body(self.request_cls, await read_json_body(request), self.unsupported_fields)
+        items = tokenize_all(self.tm, self._build_inputs(req))
+        if req.stream:
+            gens = [self.tm.generate_tokenized(t) for t in items]
+            return StreamingResponse(self._stream(req, gens), media_type="text/event-stream")
+        outs = await run_watching_disconnect(request, gather_all(self.tm, items))
+        return JSONResponse(self._response(req, outs))
 
     @property
     def model_name(self) -> str:

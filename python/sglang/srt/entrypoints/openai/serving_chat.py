@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import UNSUPPORTED_CHAT_FIELDS, ChatCompletionRequest
 from sglang.srt.entrypoints.openai.serving_base import (
@@ -15,15 +13,10 @@ from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
     chat_logprobs,
     check_common,
-    gather_all,
-    tokenize_all,
     error_from_abort,
     finish_reason_str,
     new_id,
     now,
-    parse_body,
-    read_json_body,
-    run_watching_disconnect,
     sampling_params_dict,
     sse,
     usage,
@@ -32,14 +25,8 @@ from sglang.srt.managers.io_struct import GenerateReqInput
 
 
 class OpenAIServingChat(ServingBase):
-    async def handle(self, request: Request):
-        req = parse_body(ChatCompletionRequest, await read_json_body(request), UNSUPPORTED_CHAT_FIELDS)
-        items = tokenize_all(self.tm, self._build_inputs(req))
-        if req.stream:
-            gens = [self.tm.generate_tokenized(t) for t in items]
-            return StreamingResponse(self._stream(req, gens), media_type="text/event-stream")
-        outs = await run_watching_disconnect(request, gather_all(self.tm, items))
-        return JSONResponse(self._response(req, outs))
+    request_cls = ChatCompletionRequest
+    unsupported_fields = UNSUPPORTED_CHAT_FIELDS
 
     def _build_inputs(self, req: ChatCompletionRequest) -> list[GenerateReqInput]:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

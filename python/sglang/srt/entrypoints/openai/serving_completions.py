@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import UNSUPPORTED_COMPLETION_FIELDS, CompletionRequest
 from sglang.srt.entrypoints.openai.serving_base import (
@@ -20,29 +18,18 @@ from sglang.srt.entrypoints.openai.serving_base import (
     completion_logprobs,
     error_from_abort,
     finish_reason_str,
-    gather_all,
     new_id,
     now,
-    parse_body,
-    read_json_body,
-    run_watching_disconnect,
     sampling_params_dict,
     sse,
-    tokenize_all,
     usage,
 )
 from sglang.srt.managers.io_struct import GenerateReqInput
 
 
 class OpenAIServingCompletion(ServingBase):
-    async def handle(self, request: Request):
-        req = parse_body(CompletionRequest, await read_json_body(request), UNSUPPORTED_COMPLETION_FIELDS)
-        items = tokenize_all(self.tm, self._build_inputs(req))
-        if req.stream:
-            gens = [self.tm.generate_tokenized(t) for t in items]
-            return StreamingResponse(self._stream(req, gens), media_type="text/event-stream")
-        outs = await run_watching_disconnect(request, gather_all(self.tm, items))
-        return JSONResponse(self._response(req, outs))
+    request_cls = CompletionRequest
+    unsupported_fields = UNSUPPORTED_COMPLETION_FIELDS
 
     @staticmethod
     def _prompts(prompt) -> list[dict]:
