@@ -390,3 +390,29 @@ def test_dummy_weights_serve_real_shapes(checkpoints):
     logits = _all_logits(runner, prompts)[0]
     assert torch.isfinite(logits).all() and logits.std() > 0
     assert runner.model.model.layers[0].experts.w13_weight.dtype == torch.uint8
+
+
+def test_fp8_kv_scales_in_checkpoint_are_loaded(fp4_copy):
+    """ModelOpt FP8-KV exports carry per-layer k/v scales; they land on the attention layers."""
+
+    def edit(t):
+        if "model.language_model.layers.0.self_attn.q_proj.weight" in t:
+            t["model.language_model.layers.0.self_attn.k_proj.k_scale"] = torch.tensor(0.25)
+            t["model.language_model.layers.2.self_attn.v_scale"] = torch.tensor([0.5])
+
+    _edit_shards(fp4_copy, edit)
+    layers = _runner(fp4_copy).model.model.layers
+    assert layers[0].self_attn.attn.k_scale == 0.25
+    assert layers[2].self_attn.attn.v_scale == 0.5
+
+
+def test_kv_cache_dtype_resolution():
+    from sglang.srt.model_executor.model_runner import resolve_kv_cache_dtype
+
+    bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
+    assert resolve_kv_cache_dtype("auto", bf16, "FP8") == bf16
+    assert resolve_kv_cache_dtype("auto", torch.float32, None) == torch.float32
+    assert resolve_kv_cache_dtype("bf16", torch.float32, "FP8") == bf16
+    assert resolve_kv_cache_dtype("fp8_e4m3", bf16, None) == fp8
+    with pytest.raises(ValueError, match="unsupported kv_cache_dtype"):
+        resolve_kv_cache_dtype("int4", bf16, None)

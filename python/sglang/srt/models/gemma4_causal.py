@@ -9,6 +9,7 @@ One decoder layer (see gemma4.md):
 from __future__ import annotations
 
 import logging
+import re
 from typing import Iterable
 
 import torch
@@ -26,6 +27,9 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsPro
 from sglang.srt.model_loader.load_report import LoadReport
 
 logger = logging.getLogger(__name__)
+
+# layers.<i>.self_attn.[k_proj.|v_proj.|attn.]<k|v>_scale
+_KV_SCALE_NAME = re.compile(r"layers\.(\d+)\.self_attn\.(?:[kv]_proj\.|attn\.)?([kv])_scale$")
 
 
 def default_weight_loader(param: torch.nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
@@ -240,7 +244,19 @@ class Gemma4ForCausalLM(torch.nn.Module):
         report.raise_if_failed(self)
         return report
 
+    def _load_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
+        """FP8 KV-cache scales (`self_attn.k_proj.k_scale`, `self_attn.k_scale`, ...) become floats on
+        the attention layer; the backend applies them when the KV cache is fp8."""
+        match = _KV_SCALE_NAME.search(name)
+        if match is None:
+            return False
+        attn = self.model.layers[int(match.group(1))].self_attn.attn
+        setattr(attn, f"{match.group(2)}_scale", float(tensor.float().reshape(-1)[0]))
+        return True
+
     def _load_one(self, name, ckpt_name, tensor, params, expert_mapping, report) -> bool:
+        if self._load_kv_scale(name, tensor):
+            return True
         # 1. per-expert tensors (NVFP4, bf16 per expert)
         for param_part, weight_part, expert_id, shard_id in expert_mapping:
             if weight_part in name:
