@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 7's end-to-end workloads on the GPU host: serve the real 26B-A4B config with dummy weights
+# and run bench_serving at concurrency 1 and 64. The GPU image lacks the serving stack, so carry its
+# wheels: `../shared/tools/offline-wheels.sh .whl` here, then name `.whl` in the run's carry list.
+#   bash benchmark/gpu_serving.sh [extra launch_server flags]     (results appended to $OUT)
+set -euo pipefail
+OUT=${OUT:-.}
+MODEL=${MODEL:-nvidia/Gemma-4-26B-A4B-NVFP4}
+PORT=${PORT:-30000}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD/python PYTHONUNBUFFERED=1
+
+start=$(date +%s)
+python3 -m sglang.launch_server --model-path "$MODEL" --load-format dummy --port "$PORT" "$@" >"$OUT/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+python3 - "$PORT" <<'PY'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
+        sys.exit(0)
+    except Exception:
+        time.sleep(1)
+sys.exit("server did not become healthy in 300 s")
+PY
+echo "server ready after $(( $(date +%s) - start )) s"
+
+bench() {
+  python3 -m sglang.bench_serving --backend sglang --port "$PORT" --dataset-name random \
+    --random-input-len 1000 --random-output-len 250 --random-range-ratio 1 --disable-tqdm \
+    --output-file "$OUT/bench_serving.jsonl" "$@"
+}
+bench --num-prompts 10 --max-concurrency 1
+bench --num-prompts 256 --max-concurrency 64
+# TTFT of a lone 1000-token prompt.
+bench --num-prompts 5 --max-concurrency 1 --random-output-len 1
