@@ -7,7 +7,9 @@ set -euo pipefail
 OUT=${OUT:-.}
 MODEL=${MODEL:-nvidia/Gemma-4-26B-A4B-NVFP4}
 PORT=${PORT:-30000}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 export PYTHONPATH=/tmp/site:$PWD/python PYTHONUNBUFFERED=1
 
 start=$(date +%s)
