@@ -416,3 +416,16 @@ def test_kv_cache_dtype_resolution():
     assert resolve_kv_cache_dtype("fp8_e4m3", bf16, None) == fp8
     with pytest.raises(ValueError, match="unsupported kv_cache_dtype"):
         resolve_kv_cache_dtype("int4", bf16, None)
+
+
+def test_flashinfer_backend_fails_fast_without_blackwell(checkpoints, monkeypatch):
+    """Chosen explicitly on a machine that cannot run it, the runner refuses before loading weights."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor import model_runner
+
+    monkeypatch.setattr(model_runner, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    args = ServerArgs(model_path=str(checkpoints["nvfp4-mm-keqv"]), device="cpu")
+    fake = SimpleNamespace(**{**vars(args), "moe_runner_backend": "flashinfer_trtllm"})
+    with pytest.raises(RuntimeError, match="flashinfer_trtllm MoE backend needs an NVIDIA Blackwell GPU"):
+        ModelRunner(fake)

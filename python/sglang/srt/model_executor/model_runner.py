@@ -40,14 +40,6 @@ def resolve_kv_cache_dtype(choice: str, model_dtype: torch.dtype, ckpt_kv_algo: 
     return _KV_DTYPES[choice]
 
 
-def default_moe_backend(device: str) -> str:
-    return "triton" if device.startswith("cuda") else "torch"
-
-
-def default_attention_backend(device: str) -> str:
-    return "triton" if device.startswith("cuda") else "torch_native"
-
-
 class ModelRunner:
     def __init__(self, server_args, model_config: ModelConfig | None = None):
         self.server_args = server_args
@@ -55,14 +47,18 @@ class ModelRunner:
         self.model_config = model_config or ModelConfig.from_server_args(server_args)
         self.dtype = self.model_config.dtype
         torch.manual_seed(server_args.random_seed)
-        moe_backend = server_args.moe_runner_backend
-        if moe_backend in (None, "auto"):
-            moe_backend = default_moe_backend(self.device)
-        self.moe_runner_backend = moe_backend
+        # ServerArgs has resolved 'auto' backends for this model and GPU.
+        self.moe_runner_backend = server_args.moe_runner_backend
+        if self.moe_runner_backend == "flashinfer_trtllm":
+            # Fail before a long weight load, not after it.
+            from sglang.srt.layers.moe.moe_runner.flashinfer_trtllm import check_flashinfer_trtllm_supported
+            from sglang.srt.utils import get_device_sm
+
+            check_flashinfer_trtllm_supported(get_device_sm())
         self.model = load_model(
-            self.model_config, server_args.load_format, self.device, moe_backend, server_args.random_seed
+            self.model_config, server_args.load_format, self.device, self.moe_runner_backend, server_args.random_seed
         )
-        self.attn_backend = get_attention_backend(server_args.attention_backend or default_attention_backend(self.device))
+        self.attn_backend = get_attention_backend(server_args.attention_backend)
         self._init_memory_pools()
         self.graph_runner = self._init_cuda_graphs()
 
