@@ -55,18 +55,17 @@ class Gemma4Attention(torch.nn.Module):
         self.q_norm = RMSNorm(d, eps, params_dtype=dtype)
         self.k_norm = RMSNorm(d, eps, params_dtype=dtype)
         self.v_norm = RMSNorm(d, eps, with_scale=False)
-        self.rotary_emb = RotaryEmbedding(d, spec.rope_theta, spec.rope_type, spec.partial_rotary_factor)
         window = cfg.get("sliding_window") if spec.is_sliding else None
         # q_norm and k_norm take the place of 1/sqrt(d): the attention scale is 1.
         self.attn = RadixAttention(self.num_heads, d, 1.0, kvh, layer_id, sliding_window=window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
         d, kvh = self.spec.head_dim, self.spec.num_kv_heads
         qkv = self.qkv_proj(x)
         q = qkv[:, : self.num_heads * d].view(-1, self.num_heads, d)
         k = qkv[:, self.num_heads * d : (self.num_heads + kvh) * d].view(-1, kvh, d)
         v = k if self.spec.k_eq_v else qkv[:, (self.num_heads + kvh) * d :].view(-1, kvh, d)
-        cos, sin = self.rotary_emb.cos_sin(positions)
+        cos, sin = rope
         q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
         k_roped = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
         out = self.attn(q, k_roped, self.v_norm(v), forward_batch)
@@ -124,8 +123,8 @@ class Gemma4DecoderLayer(torch.nn.Module):
             setattr(self, name, RMSNorm(hidden, eps, params_dtype=dtype))
         self.layer_scalar = _param((1,), dtype)
 
-    def forward(self, positions, h, forward_batch):
-        attn = self.self_attn(positions, self.input_layernorm(h), forward_batch)
+    def forward(self, rope, h, forward_batch):
+        attn = self.self_attn(rope, self.input_layernorm(h), forward_batch)
         h = h + self.post_attention_layernorm(attn)
         ffw = self.mlp(self.pre_feedforward_layernorm(h))
         if self.enable_moe:
@@ -146,14 +145,21 @@ class Gemma4TextModel(torch.nn.Module):
             for i, spec in enumerate(specs)
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), params_dtype=dtype)
+        # One rotary table per distinct rope geometry (two for Gemma 4): cos/sin are computed once per
+        # step, not once per layer.
+        geometries = [(s.head_dim, s.rope_theta, s.rope_type, s.partial_rotary_factor) for s in specs]
+        distinct = list(dict.fromkeys(geometries))
+        self.rotary = torch.nn.ModuleList(RotaryEmbedding(*g) for g in distinct)
+        self.rotary_of_layer = [distinct.index(g) for g in geometries]
         # sqrt(H) rounded to the weight dtype first, as the reference does; a Python float keeps the
         # forward free of host tensors (CUDA graph capture).
         self.embed_scale = float(torch.tensor(cfg["hidden_size"] ** 0.5, dtype=dtype))
 
     def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight) * self.embed_scale
-        for layer in self.layers:
-            h = layer(positions, h, forward_batch)
+        ropes = [rotary.cos_sin(positions) for rotary in self.rotary]
+        for layer, rope in zip(self.layers, self.rotary_of_layer):
+            h = layer(ropes[rope], h, forward_batch)
         return self.norm(h)
 
 
