@@ -154,7 +154,7 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO * server_args.schedule_conservativeness
         self.min_new_token_ratio = min(MIN_NEW_TOKEN_RATIO * server_args.schedule_conservativeness, 1.0)
         self.ratio_decay = (self.new_token_ratio - self.min_new_token_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
-        self.stats = {"num_retractions": 0, "prefill_computed_tokens_total": 0, "generation_tokens_total": 0, "cached_tokens_total": 0, "forward_steps": 0}
+        self.stats = {"num_retractions": 0, "prefill_computed_tokens_total": 0, "generation_tokens_total": 0, "cached_tokens_total": 0, "forward_steps": 0, "swa_reclaimed_total": 0}
         self._seed_counter = server_args.random_seed
         logger.info(
             "scheduler ready: max_total_num_tokens=%d max_running_requests=%d context_len=%d chunked_prefill_size=%s moe_top_k=%s",
@@ -392,25 +392,31 @@ class Scheduler:
         swa_free = self.swa_allocator.available_size() + self.tree_cache.swa_evictable_size() + self._swa_reclaimable()
         return full_ok and swa_free >= n
 
-    def _swa_holders(self) -> list[Req]:
-        return self.running_reqs + ([self.chunked_req] if self.chunked_req is not None else [])
+    def _swa_holders(self, extra: list[Req] = ()) -> list[Req]:
+        """Requests holding a pool row: running, being chunked, or in the batch about to run (a
+        request whose last chunk runs now is neither running nor chunked)."""
+        holders = self.running_reqs + ([self.chunked_req] if self.chunked_req is not None else [])
+        seen = {id(r) for r in holders}
+        return holders + [r for r in extra if id(r) not in seen and r.req_pool_idx is not None]
 
     def _swa_reclaimable(self) -> int:
         return sum(self.swa_policy.reclaimable(r) for r in self._swa_holders())
 
-    def _trim_swa(self) -> int:
-        """Free every running request's swa slots outside its window; returns how many."""
-        releases = [rel for r in self._swa_holders() if (rel := self.swa_policy.release(r)) is not None]
-        return free_swa_outside_window(self.req_to_token_pool, self.swa_allocator, releases)
+    def _trim_swa(self, batch_reqs: list[Req]) -> int:
+        """Free every holder's swa slots outside its window; returns how many."""
+        releases = [rel for r in self._swa_holders(batch_reqs) if (rel := self.swa_policy.release(r)) is not None]
+        freed = free_swa_outside_window(self.req_to_token_pool, self.swa_allocator, releases)
+        self.stats["swa_reclaimed_total"] += freed
+        return freed
 
-    def _alloc_slots(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _alloc_slots(self, n: int, batch_reqs: list[Req]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """n full slots and, with the hybrid pool, n swa slots: reclaiming requests' out-of-window
         swa slots, then evicting cache entries, as needed."""
         if self.allocator.available_size() < n:
             self.tree_cache.evict(n - self.allocator.available_size())
         swa = self.swa_allocator
         if swa is not None and swa.available_size() < n:
-            self._trim_swa()
+            self._trim_swa(batch_reqs)
             if swa.available_size() < n:
                 self.tree_cache.evict(0, n - swa.available_size())
         slots = self.allocator.alloc(n)
@@ -420,7 +426,7 @@ class Scheduler:
         return slots, swa_slots
 
     def run_batch(self, batch: ScheduleBatch) -> None:
-        batch.out_cache_loc, batch.swa_out_cache_loc = self._alloc_slots(batch.input_token_count())
+        batch.out_cache_loc, batch.swa_out_cache_loc = self._alloc_slots(batch.input_token_count(), batch.reqs)
         batch.write_req_to_token(self.req_to_token_pool.req_to_token, self.req_to_token_pool.req_to_swa_token)
         sample_rows = [i for i, r in enumerate(batch.reqs) if r.is_prefill_done_after_step()]
         output = self.model_runner.forward(batch.to_forward_batch(self.device))

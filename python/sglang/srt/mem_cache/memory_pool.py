@@ -5,9 +5,10 @@ Two slot spaces (the hybrid sliding-window pool, SGLang's `--swa-full-tokens-rat
 * Full layers read every earlier token, so each token keeps a *full* slot for the request's life.
 * Sliding layers read only keys in (p - W, p] for a query at p, so a token's sliding-layer KV is dead
   once the request has W - 1 newer tokens. Those layers get their own, smaller slot space (*swa*
-  slots) whose slots are recycled: after each step the scheduler frees a request's swa slots of
-  positions < kv_len - (W - 1) (`free_swa_outside_window`) and zeroes their table entries
-  (tombstones; slot 0 is the padding sink, never handed out, so 0 means "no KV here").
+  slots) whose slots are recycled: `free_swa_outside_window` frees a request's swa slots of
+  positions < kv_len - (W - 1) and zeroes their table entries (tombstones; slot 0 is the padding
+  sink, never handed out, so 0 means "no KV here"). The scheduler does this when the swa pool runs
+  short (until then the slots serve the prefix cache); the static-batch driver after every step.
 
 `ReqToTokenPool.req_to_token[row, pos]` holds the full slot and `req_to_swa_token[row, pos]` the swa
 slot of the same token, so attention kernels that index a table by (row, position) work unchanged on
