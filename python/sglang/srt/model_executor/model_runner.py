@@ -112,7 +112,8 @@ class ModelRunner:
 
     def _use_hybrid_swa(self, specs: list[LayerKVSpec]) -> bool:
         kinds = {s.is_sliding for s in specs}
-        return not getattr(self.server_args, "disable_hybrid_swa_memory", False) and kinds == {True, False}
+        wanted = not getattr(self.server_args, "disable_hybrid_swa_memory", False)
+        return wanted and kinds == {True, False} and self.sliding_window is not None
 
     def _pool_sizes(self, specs: list[LayerKVSpec], kv_dtype: torch.dtype) -> KVPoolSizes:
         full_bpt, swa_bpt = split_bytes_per_token(specs, kv_dtype)
@@ -123,6 +124,8 @@ class ModelRunner:
             return KVPoolSizes(full, int(full * ratio) if hybrid else None)
         budget = self._kv_budget_bytes()
         if hybrid:
+            # The second slot table (int64 per request row and position) comes out of the same memory.
+            budget -= (self.max_running_requests + 1) * (self.model_config.context_len + 8) * 8
             return hybrid_pool_sizes(budget, full_bpt, swa_bpt, ratio)
         return KVPoolSizes(int(budget // (full_bpt + swa_bpt)))
 
@@ -142,11 +145,11 @@ class ModelRunner:
         kv_dtype = self._kv_dtype()
         window = self.model_config.text_config.get("sliding_window")
         self.sliding_window = int(window) if window and any(s.is_sliding for s in specs) else None
+        self.max_running_requests = int(self.server_args.max_running_requests or 256)
         sizes = self._pool_sizes(specs, kv_dtype)
         self._check_pool_sizes(sizes)
         self.max_total_num_tokens = sizes.full_tokens
         self.max_total_num_swa_tokens = sizes.swa_tokens
-        self.max_running_requests = int(self.server_args.max_running_requests or 256)
         max_context = min(self.model_config.context_len, self.max_total_num_tokens) + 8
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, max_context, self.device, hybrid_swa=sizes.hybrid)
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(sizes.full_tokens, self.device)
