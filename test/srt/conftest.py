@@ -138,9 +138,16 @@ class FakeModelRunner:
     Its "KV cache" stores (token, position) per slot, and its next token is a hash of the whole
     sequence read back through req_to_token, so any bookkeeping mistake (wrong slot, stale prefix,
     lost chunk) changes the output or trips an assertion.
+
+    With `sliding_window` and `swa_tokens` it has a hybrid pool: every new token also gets a swa
+    slot, and each step checks that the window its first new token reads (through req_to_swa_token)
+    holds exactly the sequence's tokens, so a freed, reused or missing swa slot trips an assertion.
     """
 
-    def __init__(self, max_total_tokens: int = 256, max_running_requests: int = 16, vocab_size: int = 97, context_len: int = 512, eos: int = 1):
+    def __init__(
+        self, max_total_tokens: int = 256, max_running_requests: int = 16, vocab_size: int = 97, context_len: int = 512, eos: int = 1,
+        sliding_window: int | None = None, swa_tokens: int | None = None,
+    ):  # fmt: skip
         import torch
         from types import SimpleNamespace
 
@@ -153,9 +160,15 @@ class FakeModelRunner:
         )
         self.max_total_num_tokens = max_total_tokens
         self.max_running_requests = max_running_requests
-        self.req_to_token_pool = ReqToTokenPool(max_running_requests, context_len + 8, "cpu")
+        hybrid = swa_tokens is not None
+        self.req_to_token_pool = ReqToTokenPool(max_running_requests, context_len + 8, "cpu", hybrid_swa=hybrid)
         self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(max_total_tokens, "cpu")
         self.kv = torch.full((max_total_tokens + 1, 2), -1, dtype=torch.int64)
+        self.sliding_window = sliding_window
+        self.max_total_num_swa_tokens = swa_tokens
+        self.swa_allocator = TokenToKVPoolAllocator(swa_tokens, "cpu") if hybrid else None
+        self.swa_kv = torch.full(((swa_tokens or 0) + 1, 2), -1, dtype=torch.int64)
+        self.max_swa_in_use = 0  # most swa slots handed out at once (peak of the pool)
         self.forward_calls: list = []
 
     @staticmethod
@@ -181,7 +194,22 @@ class FakeModelRunner:
             stored = self.kv[slots]
             assert stored[:, 1].tolist() == list(range(seq_len)), f"positions in KV are wrong: {stored[:, 1].tolist()}"
             logits[i, self.next_token(stored[:, 0].tolist(), vocab)] = 20.0
+        if self.swa_allocator is not None:
+            self._check_swa(fb)
         return LogitsProcessorOutput(next_token_logits=logits)
+
+    def _check_swa(self, fb) -> None:
+        import torch
+
+        locs = fb.swa_out_cache_loc
+        assert locs is not None and len(set(locs.tolist())) == locs.numel() and int(locs.min()) >= 1, "bad swa slots"
+        self.swa_kv[locs] = torch.stack([fb.input_ids, fb.positions], dim=1)
+        self.max_swa_in_use = max(self.max_swa_in_use, self.swa_allocator.size - self.swa_allocator.available_size())
+        for row, seq_len, ext in zip(fb.req_pool_indices.tolist(), fb.seq_lens_cpu, fb.extend_seq_lens_cpu):
+            lo = max(0, seq_len - ext - self.sliding_window + 1)
+            full = self.kv[self.req_to_token_pool.req_to_token[row, lo:seq_len]]
+            window = self.swa_kv[self.req_to_token_pool.req_to_swa_token[row, lo:seq_len]]
+            assert torch.equal(window, full), f"swa window of row {row} at {lo}:{seq_len} is wrong: {window.tolist()} vs {full.tolist()}"
 
 
 def reference_continuation(prompt: list[int], n: int, vocab_size: int = 97) -> list[int]:

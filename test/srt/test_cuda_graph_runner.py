@@ -47,35 +47,49 @@ def test_capture_sizes_cover_every_batch():
     assert capture_batch_sizes(5) == [1, 2, 4, 5]
 
 
+def _live_kv(runner, row: int, seq_len: int) -> list[torch.Tensor]:
+    """Each layer's K of a request's readable tokens (sliding layers of a hybrid pool: its window, in swa slots)."""
+    pool, window = runner.req_to_token_pool, runner.sliding_window
+    out = []
+    for i, layer in enumerate(runner.model_config.layer_specs):
+        if layer.is_sliding and pool.hybrid_swa:
+            slots = pool.req_to_swa_token[row, max(0, seq_len - window + 1) : seq_len]
+        else:
+            slots = pool.req_to_token[row, :seq_len]
+        out.append(runner.kv_cache.k_buffer[i][slots].clone())
+    return out
+
+
 def test_graph_decode_equals_eager_and_padding_spares_live_kv(runner):
+    assert runner.req_to_token_pool.hybrid_swa  # the default: swa buffers go through the graph too
     prompts = [[120 + i for i in range(n)] for n in (11, 5, 17, 9)]
     batch, out = prefill(runner, prompts)
     graphs = CudaGraphRunner(runner, max_bs=4, graph_cls=EagerGraph)
-    assert graphs.bs_list == [1, 2, 4]
+    assert graphs.bs_list == [1, 2, 4] and graphs.swa_out_cache_loc is not None
     # Decode the first three requests only: they run on the 4-row graph with one padding row,
     # while request 3's KV must stay untouched.
-    sub = type(batch)(batch.rows[:3], batch.seq_lens[:3])
-    bystander = runner.req_to_token_pool.req_to_token[batch.rows[3], : batch.seq_lens[3]]
-    kv_before = [runner.kv_cache.k_buffer[i][bystander].clone() for i in range(len(runner.kv_cache.k_buffer))]
+    sub = type(batch)(batch.rows[:3], batch.seq_lens[:3], batch.swa_freed_upto[:3])
+    kv_before = _live_kv(runner, batch.rows[3], batch.seq_lens[3])
     next_ids = out.next_token_logits[:3].argmax(-1).tolist()
+    pool = runner.req_to_token_pool
     for _ in range(4):
         lens_before = list(sub.seq_lens)
         runner.graph_runner = graphs
-        graph_logits = decode_step(runner, sub, next_ids).next_token_logits.clone()
+        # Keep the window's oldest slot: the eager rerun of this same step still reads it.
+        graph_logits = decode_step(runner, sub, next_ids, free_swa_window=False).next_token_logits.clone()
         # Same step again, eagerly, over the same KV slots: identical inputs, so logits must agree.
         runner.graph_runner = None
         sub.seq_lens = lens_before
-        runner.token_to_kv_pool_allocator.free(
-            torch.stack([runner.req_to_token_pool.req_to_token[r, n] for r, n in zip(sub.rows, lens_before)])
-        )
+        runner.token_to_kv_pool_allocator.free(torch.stack([pool.req_to_token[r, n] for r, n in zip(sub.rows, lens_before)]))
+        runner.swa_allocator.free(torch.stack([pool.req_to_swa_token[r, n] for r, n in zip(sub.rows, lens_before)]))
         eager_logits = decode_step(runner, sub, next_ids).next_token_logits
         assert graph_logits.shape == eager_logits.shape == (3, runner.model_config.vocab_size)
         # fp32; a padded batch may block its matmuls differently, hence not bit-equal.
         torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
         assert graph_logits.argmax(-1).tolist() == eager_logits.argmax(-1).tolist()
         next_ids = eager_logits.argmax(-1).tolist()
-    for i, before in enumerate(kv_before):
-        assert torch.equal(runner.kv_cache.k_buffer[i][bystander], before)
+    for before, after in zip(kv_before, _live_kv(runner, batch.rows[3], batch.seq_lens[3])):
+        assert torch.equal(after, before)
     runner.graph_runner = None
 
 

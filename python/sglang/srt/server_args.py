@@ -55,6 +55,8 @@ class ServerArgs:
     schedule_conservativeness: float = _opt(1.0, "Higher reserves more KV for future output tokens.")
     disable_radix_cache: bool = _opt(False, "Disable prefix caching.")
     kv_cache_dtype: str = _opt("auto", "KV cache dtype.", ("auto", "bf16", "bfloat16", "fp8_e4m3"))
+    swa_full_tokens_ratio: float = _opt(0.8, "Sliding-window layers' KV pool size as a fraction of the full layers' pool (tokens).")
+    disable_hybrid_swa_memory: bool = _opt(False, "One KV pool for all layers (sliding layers keep every token's KV).")
     # Kernels
     attention_backend: str | None = _opt(None, "Attention kernels (default: torch_native on CPU).", ATTENTION_BACKENDS)
     moe_runner_backend: str = _opt("auto", "MoE expert kernels.", MOE_RUNNER_BACKENDS)
@@ -96,6 +98,7 @@ class ServerArgs:
                 f"--chunked-prefill-size must be positive or -1 (disabled), got {self.chunked_prefill_size}",
             )
         _check(self.schedule_conservativeness > 0, "--schedule-conservativeness must be positive")
+        _check(self.swa_full_tokens_ratio > 0, f"--swa-full-tokens-ratio must be positive, got {self.swa_full_tokens_ratio}")
         if self.device == "cpu":
             _check(self.kv_cache_dtype != "fp8_e4m3", "--kv-cache-dtype fp8_e4m3 needs a GPU; use auto on CPU")
             # Triton's interpreter runs the kernels on the CPU (slowly): tests use it.

@@ -5,6 +5,10 @@ KV bookkeeping invariant: `req.kv_len` tokens of `req.fill_ids` have KV in the p
 those slots belong to the radix tree (locked via `req.last_node`); the rest are the request's own. A
 decoding request always has kv_len == len(fill_ids) - 1: the newest sampled token gets its KV in the
 next step, when it is the input.
+
+Hybrid sliding-window pool: `req_to_swa_token[row, :kv_len]` lists the swa slots of the same tokens.
+The request's own swa slots of positions in [len(prefix_indices), swa_freed_upto) were freed (table
+entries 0) because no later query reads them; the prefix's swa slots belong to the tree.
 """
 
 from __future__ import annotations
@@ -88,9 +92,12 @@ class Req:
         # Memory
         self.req_pool_idx: int | None = None
         self.prefix_indices: torch.Tensor = _EMPTY  # slots of the radix-tree prefix this req holds
+        self.prefix_swa: torch.Tensor | None = None  # hybrid pool: the prefix's swa slots (0 = tombstone)
         self.last_node = None  # radix node locked for that prefix
         self.kv_len = 0
         self.extend_len = 0  # new tokens in the current step
+        # Hybrid pool: positions below this (and >= len(prefix_indices)) had their swa slots freed.
+        self.swa_freed_upto = 0
         self.cached_tokens = 0  # prompt tokens served from the prefix cache (first admission)
         self.is_first_admission = True
         self.retractions = 0
@@ -148,6 +155,7 @@ class ScheduleBatch:
     reqs: list[Req]
     forward_mode: ForwardMode
     out_cache_loc: torch.Tensor = field(default_factory=lambda: _EMPTY)
+    swa_out_cache_loc: torch.Tensor | None = None  # hybrid pool: each new token's swa slot
 
     @property
     def batch_size(self) -> int:
@@ -156,11 +164,14 @@ class ScheduleBatch:
     def input_token_count(self) -> int:
         return sum(r.extend_len for r in self.reqs)
 
-    def write_req_to_token(self, req_to_token: torch.Tensor) -> None:
-        """Record each new token's slot in its request's row, before the forward reads it."""
+    def write_req_to_token(self, req_to_token: torch.Tensor, req_to_swa_token: torch.Tensor | None = None) -> None:
+        """Record each new token's slot (and swa slot) in its request's row, before the forward reads it."""
         offset = 0
         for r in self.reqs:
-            req_to_token[r.req_pool_idx, r.kv_len : r.kv_len + r.extend_len] = self.out_cache_loc[offset : offset + r.extend_len]
+            cols = slice(r.kv_len, r.kv_len + r.extend_len)
+            req_to_token[r.req_pool_idx, cols] = self.out_cache_loc[offset : offset + r.extend_len]
+            if req_to_swa_token is not None:
+                req_to_swa_token[r.req_pool_idx, cols] = self.swa_out_cache_loc[offset : offset + r.extend_len]
             offset += r.extend_len
 
     def to_forward_batch(self, device: str | torch.device) -> ForwardBatch:
@@ -180,6 +191,7 @@ class ScheduleBatch:
             seq_lens=as_tensor(seq_lens),
             extend_seq_lens=as_tensor(extend_lens),
             out_cache_loc=self.out_cache_loc.to(device),
+            swa_out_cache_loc=None if self.swa_out_cache_loc is None else self.swa_out_cache_loc.to(device),
             seq_lens_cpu=seq_lens,
             extend_seq_lens_cpu=extend_lens,
         )

@@ -9,12 +9,16 @@ the front of the queue, to resume from whatever of that KV survives.
 `Scheduler` is a plain object driven by `step()`, so tests can run it in-process with a fake model
 runner; `run_scheduler_process` wraps it in the ZMQ event loop of the scheduler child process.
 
-Sliding-window layers (design, not built yet): every KV decision here goes through the allocator
-(available_size/alloc/free) and the radix tree (evictable_size/evict), never through layer shapes. A
-separate pool for sliding layers adds a second allocator: after each step a request can free its
-sliding slots that fell more than `sliding_window` behind its newest token, admission and
-`_can_alloc` check both pools, and a cached prefix is reusable for sliding layers only when its last
-window of slots is still held.
+Sliding-window layers (hybrid KV pool, when the runner has `swa_allocator`): every new token gets a
+full slot and a swa slot. A request's swa slots of positions no later query reads (< kv_len - W + 1;
+a chunk starting at kv_len needs the W - 1 keys before it) are *reclaimable*: when the swa pool runs
+short, every running request is trimmed to its window (`_trim_swa`) before the tree is evicted, so
+under pressure a request holds at most W - 1 swa slots between steps. Until then they stay, so a
+finished request gives the radix tree swa KV for every prefix of its sequence (shared system prompts
+stay reusable). Admission (`SwaPolicy`: pinned window + one step), `_can_alloc` before decode, and
+eviction count both pools, reclaimable slots as free; prompts are chunked to at most swa pool - W
+tokens so one request always fits. The tree only offers prefixes whose last window is held (see
+radix_cache). Nothing else changes: outputs are the same with and without the hybrid pool.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req, ScheduleBatch
-from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, order_waiting_queue
+from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, SwaPolicy, order_waiting_queue
+from sglang.srt.mem_cache.memory_pool import free_swa_outside_window
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
@@ -126,9 +131,15 @@ class Scheduler:
         ))
         self.context_len = int(self.model_config.context_len)
         self.vocab_size = int(self.model_config.vocab_size)
-        self.tree_cache = RadixCache(self.req_to_token_pool, self.allocator, disable=server_args.disable_radix_cache)
+        self.swa_allocator = getattr(model_runner, "swa_allocator", None)
+        self.sliding_window = int(model_runner.sliding_window) if self.swa_allocator is not None else None
+        self.tree_cache = RadixCache(
+            self.req_to_token_pool, self.allocator, disable=server_args.disable_radix_cache,
+            swa_allocator=self.swa_allocator, sliding_window=self.sliding_window,
+        )  # fmt: skip
         chunk = server_args.chunked_prefill_size
         self.chunked_prefill_size = None if chunk is None or chunk <= 0 else int(chunk)
+        self.swa_policy = self._init_swa_policy()
         self.max_prefill_tokens = int(server_args.max_prefill_tokens)
         self._tokenizer = tokenizer
         self.eos_ids = eos_token_ids(self.model_config, tokenizer)
@@ -143,12 +154,24 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO * server_args.schedule_conservativeness
         self.min_new_token_ratio = min(MIN_NEW_TOKEN_RATIO * server_args.schedule_conservativeness, 1.0)
         self.ratio_decay = (self.new_token_ratio - self.min_new_token_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
-        self.stats = {"num_retractions": 0, "prefill_computed_tokens_total": 0, "generation_tokens_total": 0, "cached_tokens_total": 0, "forward_steps": 0}
+        self.stats = {"num_retractions": 0, "prefill_computed_tokens_total": 0, "generation_tokens_total": 0, "cached_tokens_total": 0, "forward_steps": 0, "swa_reclaimed_total": 0}
         self._seed_counter = server_args.random_seed
         logger.info(
             "scheduler ready: max_total_num_tokens=%d max_running_requests=%d context_len=%d chunked_prefill_size=%s moe_top_k=%s",
             self.max_total_num_tokens, self.max_running_requests, self.context_len, self.chunked_prefill_size, self.moe_gemm_config.top_k,
         )
+
+    def _init_swa_policy(self) -> SwaPolicy | None:
+        if self.swa_allocator is None:
+            return None
+        # A request holds up to W - 1 swa slots between steps; its step must fit beside them.
+        step_cap = self.swa_allocator.size - self.sliding_window
+        if step_cap < 1:
+            raise ValueError(f"swa pool of {self.swa_allocator.size} tokens cannot hold a window of {self.sliding_window}")
+        if self.chunked_prefill_size is None or self.chunked_prefill_size > step_cap:
+            logger.info("chunked prefill capped at %d tokens by the sliding-window KV pool", step_cap)
+            self.chunked_prefill_size = step_cap
+        return SwaPolicy(self.swa_allocator, self.sliding_window, self.chunked_prefill_size)
 
     @property
     def tokenizer(self):
@@ -271,7 +294,7 @@ class Scheduler:
             return None
         adder = PrefillAdder(
             self.tree_cache, self.allocator, self.req_to_token_pool, self.running_reqs, self.chunked_req,
-            self.new_token_ratio, self.max_prefill_tokens, self.chunked_prefill_size,
+            self.new_token_ratio, self.max_prefill_tokens, self.chunked_prefill_size, self.swa_policy,
         )
         if self.chunked_req is not None:
             adder.add_chunked_req(self.chunked_req)
@@ -280,7 +303,13 @@ class Scheduler:
             if len(self.running_reqs) + len(adder.can_run) >= self.max_running_requests:
                 break
             self._match_prefix(req)
-            if adder.add_one_req(req) != AddReqResult.CONTINUE:
+            result = adder.add_one_req(req)
+            if result == AddReqResult.NO_TOKEN and self._alone(adder) and len(req.prefix_indices):
+                # Locking its prefix can pin swa slots (earlier windows on the path) that a lone
+                # request then lacks; without the prefix everything else is evictable, so it fits.
+                self._drop_prefix(req)
+                result = adder.add_one_req(req)
+            if result != AddReqResult.CONTINUE:
                 break
         if not adder.can_run:
             return None
@@ -295,8 +324,17 @@ class Scheduler:
         if req.req_pool_idx is not None:
             return  # a chunked request continues from its own KV
         # The last token is left out so at least one token is computed, giving the next logits.
-        req.prefix_indices, req.last_node = self.tree_cache.match_prefix(req.fill_ids[:-1])
+        match = self.tree_cache.match(req.fill_ids[:-1])
+        req.prefix_indices, req.prefix_swa, req.last_node = match.full, match.swa, match.node
         req.kv_len = len(req.prefix_indices)
+
+    def _alone(self, adder: PrefillAdder) -> bool:
+        return not adder.can_run and not self.running_reqs and self.chunked_req is None
+
+    def _drop_prefix(self, req: Req) -> None:
+        empty = torch.empty((0,), dtype=torch.int64)
+        req.prefix_indices, req.last_node, req.kv_len = empty, self.tree_cache.root, 0
+        req.prefix_swa = empty if self.swa_allocator is not None else None
 
     def _admit(self, req: Req) -> None:
         if req.req_pool_idx is not None:
@@ -304,8 +342,12 @@ class Scheduler:
         req.req_pool_idx = self.req_to_token_pool.alloc()
         assert req.req_pool_idx is not None, "PrefillAdder admitted more requests than pool rows"
         n = len(req.prefix_indices)
+        pool = self.req_to_token_pool
         if n:
-            self.req_to_token_pool.req_to_token[req.req_pool_idx, :n] = req.prefix_indices.to(self.req_to_token_pool.req_to_token.device)
+            pool.req_to_token[req.req_pool_idx, :n] = req.prefix_indices.to(pool.req_to_token.device)
+            if pool.req_to_swa_token is not None:
+                pool.req_to_swa_token[req.req_pool_idx, :n] = req.prefix_swa.to(pool.req_to_swa_token.device)
+        req.swa_freed_upto = n  # the request's own swa slots start after the tree's prefix
         if req.is_first_admission:
             req.is_first_admission = False
             req.cached_tokens = min(n, len(req.origin_input_ids))
@@ -344,19 +386,48 @@ class Scheduler:
             logger.info("KV cache full: retracted %d request(s); new_token_ratio=%.2f", len(retracted), self.new_token_ratio)
 
     def _can_alloc(self, n: int) -> bool:
-        return self.allocator.available_size() + self.tree_cache.evictable_size() >= n
+        full_ok = self.allocator.available_size() + self.tree_cache.evictable_size() >= n
+        if self.swa_allocator is None:
+            return full_ok
+        swa_free = self.swa_allocator.available_size() + self.tree_cache.swa_evictable_size() + self._swa_reclaimable()
+        return full_ok and swa_free >= n
 
-    def _alloc_slots(self, n: int) -> torch.Tensor:
+    def _swa_holders(self, extra: list[Req] = ()) -> list[Req]:
+        """Requests holding a pool row: running, being chunked, or in the batch about to run (a
+        request whose last chunk runs now is neither running nor chunked)."""
+        holders = self.running_reqs + ([self.chunked_req] if self.chunked_req is not None else [])
+        seen = {id(r) for r in holders}
+        return holders + [r for r in extra if id(r) not in seen and r.req_pool_idx is not None]
+
+    def _swa_reclaimable(self) -> int:
+        return sum(self.swa_policy.reclaimable(r) for r in self._swa_holders())
+
+    def _trim_swa(self, batch_reqs: list[Req]) -> int:
+        """Free every holder's swa slots outside its window; returns how many."""
+        releases = [rel for r in self._swa_holders(batch_reqs) if (rel := self.swa_policy.release(r)) is not None]
+        freed = free_swa_outside_window(self.req_to_token_pool, self.swa_allocator, releases)
+        self.stats["swa_reclaimed_total"] += freed
+        return freed
+
+    def _alloc_slots(self, n: int, batch_reqs: list[Req]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """n full slots and, with the hybrid pool, n swa slots: reclaiming requests' out-of-window
+        swa slots, then evicting cache entries, as needed."""
         if self.allocator.available_size() < n:
             self.tree_cache.evict(n - self.allocator.available_size())
+        swa = self.swa_allocator
+        if swa is not None and swa.available_size() < n:
+            self._trim_swa(batch_reqs)
+            if swa.available_size() < n:
+                self.tree_cache.evict(0, n - swa.available_size())
         slots = self.allocator.alloc(n)
-        if slots is None:
+        swa_slots = swa.alloc(n) if swa is not None else None
+        if slots is None or (swa is not None and swa_slots is None):
             raise RuntimeError(f"KV allocation of {n} slots failed after admission control; this is a scheduler bug")
-        return slots
+        return slots, swa_slots
 
     def run_batch(self, batch: ScheduleBatch) -> None:
-        batch.out_cache_loc = self._alloc_slots(batch.input_token_count())
-        batch.write_req_to_token(self.req_to_token_pool.req_to_token)
+        batch.out_cache_loc, batch.swa_out_cache_loc = self._alloc_slots(batch.input_token_count(), batch.reqs)
+        batch.write_req_to_token(self.req_to_token_pool.req_to_token, self.req_to_token_pool.req_to_swa_token)
         sample_rows = [i for i, r in enumerate(batch.reqs) if r.is_prefill_done_after_step()]
         output = self.model_runner.forward(batch.to_forward_batch(self.device))
         batch.commit()
@@ -432,13 +503,21 @@ class Scheduler:
         """Slots held by requests (not counting unlocked cache entries, which are reclaimable)."""
         return self.max_total_num_tokens - self.allocator.available_size() - self.tree_cache.evictable_size()
 
+    def swa_used_tokens(self) -> int:
+        """Swa slots held by requests (0 without the hybrid pool)."""
+        if self.swa_allocator is None:
+            return 0
+        return self.swa_allocator.size - self.swa_allocator.available_size() - self.tree_cache.swa_evictable_size()
+
     def check_memory(self) -> bool:
-        """When idle every slot is either free or in the tree; anything else is a leak."""
+        """When idle every slot (of both pools) is either free or in the tree; anything else is a leak."""
         leaked = self.kv_used_tokens() != 0 or self.tree_cache.protected_size() != 0
+        leaked |= self.swa_used_tokens() != 0 or self.tree_cache.swa_protected_size() != 0
         if leaked:
             logger.error(
-                "KV leak while idle: available=%d evictable=%d protected=%d total=%d",
-                self.allocator.available_size(), self.tree_cache.evictable_size(), self.tree_cache.protected_size(), self.max_total_num_tokens,
+                "KV leak while idle: available=%d evictable=%d protected=%d total=%d swa_used=%d swa_protected=%d",
+                self.allocator.available_size(), self.tree_cache.evictable_size(), self.tree_cache.protected_size(),
+                self.max_total_num_tokens, self.swa_used_tokens(), self.tree_cache.swa_protected_size(),
             )
         return not leaked
 
@@ -447,7 +526,22 @@ class Scheduler:
             return FlushCacheReqOutput(False, "Cache not flushed: requests are still running or waiting.")
         self.tree_cache.reset()
         self.allocator.clear()
+        if self.swa_allocator is not None:
+            self.swa_allocator.clear()
         return FlushCacheReqOutput(True, "Cache flushed.")
+
+    def _swa_state(self) -> dict:
+        if self.swa_allocator is None:
+            return {"hybrid_swa_memory": False}
+        return {
+            "hybrid_swa_memory": True,
+            "sliding_window": self.sliding_window,
+            "max_total_num_swa_tokens": self.swa_allocator.size,
+            "swa_available_tokens": self.swa_allocator.available_size(),
+            "swa_cached_tokens": self.tree_cache.swa_evictable_size() + self.tree_cache.swa_protected_size(),
+            "swa_used_tokens": self.swa_used_tokens(),
+            "swa_reclaimable_tokens": self._swa_reclaimable(),
+        }
 
     def internal_state(self) -> dict:
         used = self.kv_used_tokens()
@@ -463,6 +557,7 @@ class Scheduler:
             "new_token_ratio": self.new_token_ratio,
             "memory_ok": self.check_memory() if self.is_idle() else None,
             "scheduler_pid": os.getpid(),
+            **self._swa_state(),
             **self.stats,
             **self.info(),
         }

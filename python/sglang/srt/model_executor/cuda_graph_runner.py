@@ -4,6 +4,8 @@ A decode step of the 26B model launches thousands of small kernels; replaying a 
 the host-side cost of each launch. One graph per captured batch size, all reading static input buffers.
 A batch runs on the smallest graph that fits it; the extra rows are padding that point at a reserved
 request row whose only token lives in KV slot 0 (the pool's sink), so they touch no real request's KV.
+With the hybrid sliding-window pool the same holds for the swa slot space: a static `swa_out_cache_loc`
+buffer, padding rows writing swa slot 0, and the reserved row zeroed in both tables.
 """
 
 from __future__ import annotations
@@ -55,11 +57,14 @@ class CudaGraphRunner:
         if self.pad_row is None:
             raise RuntimeError("no request row left to reserve for CUDA graph padding")
         pool.req_to_token[self.pad_row].zero_()
+        if pool.req_to_swa_token is not None:
+            pool.req_to_swa_token[self.pad_row].zero_()
 
         def buf(fill: int) -> torch.Tensor:
             return torch.full((self.max_bs,), fill, dtype=torch.int64, device=dev)
 
         self.input_ids, self.positions, self.out_cache_loc = buf(0), buf(0), buf(0)
+        self.swa_out_cache_loc = buf(0) if pool.hybrid_swa else None
         self.req_pool_indices, self.seq_lens, self.extend_seq_lens = buf(self.pad_row), buf(1), buf(1)
         self.graphs: dict[int, object] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -74,6 +79,7 @@ class CudaGraphRunner:
             seq_lens=self.seq_lens[:bs],
             extend_seq_lens=self.extend_seq_lens[:bs],
             out_cache_loc=self.out_cache_loc[:bs],
+            swa_out_cache_loc=None if self.swa_out_cache_loc is None else self.swa_out_cache_loc[:bs],
             # Host copies are only shape information here; the kernels read the device tensors.
             seq_lens_cpu=[1] * bs,
             extend_seq_lens_cpu=[1] * bs,
@@ -106,6 +112,9 @@ class CudaGraphRunner:
             (self.out_cache_loc, batch.out_cache_loc),
         ):
             static[:bs].copy_(live)
+        if self.swa_out_cache_loc is not None:
+            self.swa_out_cache_loc[:bs].copy_(batch.swa_out_cache_loc)
+            self.swa_out_cache_loc[bs:graph_bs].zero_()
         # Padding rows must be reset every time: stale rows would write into live requests' KV.
         self.input_ids[bs:graph_bs].zero_()
         self.positions[bs:graph_bs].zero_()

@@ -1,5 +1,9 @@
 """What one model step needs to know: the flat tokens of every request in the step and where their
-KV lives. Built by the scheduler, consumed by ModelRunner, the attention backend and the model."""
+KV lives. Built by the scheduler, consumed by ModelRunner, the attention backend and the model.
+
+With the hybrid sliding-window pool, every new token has two slots: `out_cache_loc` (full layers) and
+`swa_out_cache_loc` (sliding layers). Backends ask `cache_loc(layer)` / `req_to_token(layer)` rather
+than reading the fields, so the choice of slot space lives in one place."""
 
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] int64, tokens with KV after this step (prefix + new)
     extend_seq_lens: torch.Tensor  # [B] int64, new tokens per request (1 when decoding)
     out_cache_loc: torch.Tensor  # [T] int64, KV slot each new token writes
+    # [T] int64, swa slot of each new token on sliding layers; None when the pool has one slot space.
+    swa_out_cache_loc: torch.Tensor | None = None
     # When set, logits for every new token come back (tests, prompt logprobs); else the last only.
     return_all_logits: bool = False
     # Host copies, so attention metadata needs no device sync.
@@ -45,6 +51,17 @@ class ForwardBatch:
             self.seq_lens_cpu = self.seq_lens.tolist()
         if not self.extend_seq_lens_cpu:
             self.extend_seq_lens_cpu = self.extend_seq_lens.tolist()
+
+    def uses_swa(self, layer) -> bool:
+        return self.swa_out_cache_loc is not None and layer.sliding_window is not None
+
+    def cache_loc(self, layer) -> torch.Tensor:
+        """Where this step's k/v of `layer` are written."""
+        return self.swa_out_cache_loc if self.uses_swa(layer) else self.out_cache_loc
+
+    def req_to_token(self, layer) -> torch.Tensor:
+        """The (row, position) -> slot table `layer` reads its keys through."""
+        return self.req_to_token_pool.table(self.uses_swa(layer))
 
     @property
     def batch_size(self) -> int:

@@ -12,8 +12,8 @@ class AttentionBackend:
         """Precompute per-step metadata shared by all layers."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Store this step's k/v in the cache, then attend. q [T, H, d], k/v [T, KVH, d] -> [T, H*d]."""
-        forward_batch.token_to_kv_pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k, v)
+        """Store this step's k/v in the cache (the swa slots on sliding layers of a hybrid pool), then attend. q [T, H, d], k/v [T, KVH, d] -> [T, H*d]."""
+        forward_batch.token_to_kv_pool.set_kv_buffer(layer.layer_id, forward_batch.cache_loc(layer), k, v)
         if forward_batch.forward_mode.is_decode():
             return self.forward_decode(q, layer, forward_batch)
         return self.forward_extend(q, layer, forward_batch)

@@ -19,7 +19,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         if layer.sliding_window is not None:
             kv_start = max(0, first_q_pos - layer.sliding_window + 1)
         row = int(forward_batch.req_pool_indices[req])
-        slots = forward_batch.req_to_token_pool.req_to_token[row, kv_start:seq_len]
+        # Sliding layers of a hybrid pool read swa slots; positions < kv_start may be tombstones there.
+        slots = forward_batch.req_to_token(layer)[row, kv_start:seq_len]
         k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
         k = k_buf[slots].float().transpose(0, 1)  # [KVH, S, d]
         v = v_buf[slots].float().transpose(0, 1)

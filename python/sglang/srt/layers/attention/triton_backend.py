@@ -7,6 +7,10 @@ sees keys in (p - W, p]; fp32 softmax; output [T, H * d] in q's dtype.
 FP8 KV scales: a layer may carry float attributes `k_scale` / `v_scale` (real value = stored value *
 scale); absent, they are 1.0 and the pool's plain cast is the quantiser. When a scale is not 1.0 and
 the pool holds fp8, forward() divides k/v by it before storing, so store and read agree.
+
+Hybrid sliding-window pool: on sliding layers the kernels get the swa slot table and the (smaller)
+swa buffers as arguments; the kernels read only positions inside the window, which the scheduler keeps
+allocated, so they are unchanged.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class TritonAttnBackend(AttentionBackend):
         if pool.dtype == torch.float8_e4m3fn:
             k = k if k_scale == 1.0 else k / k_scale
             v = v if v_scale == 1.0 else v / v_scale
-        pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k, v)
+        pool.set_kv_buffer(layer.layer_id, forward_batch.cache_loc(layer), k, v)
         if forward_batch.forward_mode.is_decode():
             return self.forward_decode(q, layer, forward_batch)
         return self.forward_extend(q, layer, forward_batch)
@@ -67,7 +71,7 @@ class TritonAttnBackend(AttentionBackend):
         out = q.new_empty(q.shape[0], layer.tp_q_head_num, k_buf.shape[-1])
         extend_attention_fwd(
             q.reshape(q.shape[0], layer.tp_q_head_num, -1), k_buf, v_buf, out,
-            forward_batch.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+            forward_batch.req_to_token(layer), forward_batch.req_pool_indices,
             forward_batch.seq_lens, forward_batch.extend_seq_lens, md.q_starts, md.max_extend_len,
             layer.scaling, layer.sliding_window, k_scale, v_scale,
         )  # fmt: skip
@@ -82,7 +86,7 @@ class TritonAttnBackend(AttentionBackend):
         splits = decode_num_splits(batch, layer.tp_k_head_num, md.num_sms, self.max_kv_splits)
         decode_attention_fwd(
             q.reshape(batch, layer.tp_q_head_num, -1), k_buf, v_buf, out,
-            forward_batch.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+            forward_batch.req_to_token(layer), forward_batch.req_pool_indices,
             forward_batch.seq_lens, layer.scaling, splits, layer.sliding_window, k_scale, v_scale,
         )  # fmt: skip
         return out.view(batch, -1)
