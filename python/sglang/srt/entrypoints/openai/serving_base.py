@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 from fastapi import Request
@@ -208,6 +209,39 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+@dataclass
+class StreamDelta:
+    """What one streamed update of choice `index` adds to what was already sent."""
+
+    index: int
+    text: str  # new text
+    token_start: int  # the update carries output tokens [token_start, token_end)
+    token_end: int
+    text_offset: int  # length of the text sent before this update
+    meta: dict
+    reason: dict | None  # finish reason, None while running
+
+
+class StreamAborted(Exception):
+    def __init__(self, error: OpenAIError):
+        self.error = error
+
+
+async def stream_deltas(gens: list[AsyncIterator[dict]]) -> AsyncIterator[StreamDelta]:
+    """Merge the choices' streams into per-choice increments; an aborted request ends the stream
+    with StreamAborted (the client gets an error event)."""
+    sent_text = [""] * len(gens)
+    sent_tokens = [0] * len(gens)
+    async for out in TokenizerManager.merge_streams(gens):
+        i, meta = out["index"], out["meta_info"]
+        reason = meta["finish_reason"]
+        if reason and reason.get("type") == "abort":
+            raise StreamAborted(error_from_abort(reason))
+        text, ntok = out.get("text", ""), len(out["output_ids"])
+        yield StreamDelta(i, text[len(sent_text[i]) :], sent_tokens[i], ntok, len(sent_text[i]), meta, reason)
+        sent_text[i], sent_tokens[i] = text, ntok
 
 
 class ServingBase:

@@ -11,6 +11,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     SSE_DONE,
     OpenAIError,
     ServingBase,
+    StreamAborted,
     chat_logprobs,
     check_common,
     error_from_abort,
@@ -19,6 +20,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     now,
     sampling_params_dict,
     sse,
+    stream_deltas,
     usage,
 )
 from sglang.srt.managers.io_struct import GenerateReqInput
@@ -94,8 +96,6 @@ class OpenAIServingChat(ServingBase):
         }
 
     async def _stream(self, req: ChatCompletionRequest, gens: list[AsyncIterator[dict]]) -> AsyncIterator[str]:
-        from sglang.srt.managers.tokenizer_manager import TokenizerManager
-
         rid, created = new_id("chatcmpl"), now()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -108,31 +108,25 @@ class OpenAIServingChat(ServingBase):
                 body["usage"] = None
             return sse(body)
 
-        sent_text = [""] * len(gens)
-        sent_tokens = [0] * len(gens)
         finals: list[dict | None] = [None] * len(gens)
         for i in range(len(gens)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for out in TokenizerManager.merge_streams(gens):
-            i, meta = out["index"], out["meta_info"]
-            reason = meta["finish_reason"]
-            if reason and reason.get("type") == "abort":
-                yield sse(error_from_abort(reason).body())
-                break
-            delta = out["text"][len(sent_text[i]) :]
-            ntok = len(out["output_ids"])
-            logprobs = chat_logprobs(meta, sent_tokens[i], ntok) if req.logprobs else None
-            if delta or (logprobs and logprobs["content"]):
-                yield chunk(i, {"content": delta}, logprobs=logprobs)
-            sent_text[i], sent_tokens[i] = out["text"], ntok
-            if reason is not None:
-                finals[i] = meta
-                yield chunk(i, {}, finish=finish_reason_str(reason))
-        else:
-            if include_usage and all(finals):
-                completion = sum(m["completion_tokens"] for m in finals)
-                yield sse({
-                    "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": [], "usage": usage(finals[0]["prompt_tokens"], completion, finals[0]["cached_tokens"]),
-                })
+        try:
+            async for d in stream_deltas(gens):
+                logprobs = chat_logprobs(d.meta, d.token_start, d.token_end) if req.logprobs else None
+                if d.text or (logprobs and logprobs["content"]):
+                    yield chunk(d.index, {"content": d.text}, logprobs=logprobs)
+                if d.reason is not None:
+                    finals[d.index] = d.meta
+                    yield chunk(d.index, {}, finish=finish_reason_str(d.reason))
+        except StreamAborted as e:
+            yield sse(e.error.body())
+            yield SSE_DONE
+            return
+        if include_usage and all(finals):
+            completion = sum(m["completion_tokens"] for m in finals)
+            yield sse({
+                "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                "choices": [], "usage": usage(finals[0]["prompt_tokens"], completion, finals[0]["cached_tokens"]),
+            })
         yield SSE_DONE

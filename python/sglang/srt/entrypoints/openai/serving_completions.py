@@ -14,14 +14,16 @@ from sglang.srt.entrypoints.openai.serving_base import (
     SSE_DONE,
     OpenAIError,
     ServingBase,
+    StreamAborted,
     check_common,
-    completion_logprobs,
     error_from_abort,
+    completion_logprobs,
     finish_reason_str,
     new_id,
     now,
     sampling_params_dict,
     sse,
+    stream_deltas,
     usage,
 )
 from sglang.srt.managers.io_struct import GenerateReqInput
@@ -96,8 +98,6 @@ class OpenAIServingCompletion(ServingBase):
         }
 
     async def _stream(self, req: CompletionRequest, gens: list[AsyncIterator[dict]]) -> AsyncIterator[str]:
-        from sglang.srt.managers.tokenizer_manager import TokenizerManager
-
         rid, created = new_id("cmpl"), now()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -110,27 +110,23 @@ class OpenAIServingCompletion(ServingBase):
                 body["usage"] = None
             return sse(body)
 
-        sent_text = [""] * len(gens)
-        sent_tokens = [0] * len(gens)
         finals: list[dict | None] = [None] * len(gens)
-        async for out in TokenizerManager.merge_streams(gens):
-            i, meta = out["index"], out["meta_info"]
-            reason = meta["finish_reason"]
-            if reason and reason.get("type") == "abort":
-                yield sse(error_from_abort(reason).body())
-                break
-            text = out.get("text", "")
-            delta, ntok = text[len(sent_text[i]) :], len(out["output_ids"])
-            logprobs = completion_logprobs(meta, sent_tokens[i], ntok, len(sent_text[i])) if req.logprobs is not None else None
-            if delta or reason is not None or (logprobs and logprobs["tokens"]):
-                yield chunk(i, delta, finish_reason_str(reason), logprobs)
-            sent_text[i], sent_tokens[i] = text, ntok
-            if reason is not None:
-                finals[i] = meta
-        else:
-            if include_usage and all(finals):
-                prompt = sum(m["prompt_tokens"] for k, m in enumerate(finals) if k % req.n == 0)
-                cached = sum(m["cached_tokens"] for k, m in enumerate(finals) if k % req.n == 0)
-                completion = sum(m["completion_tokens"] for m in finals)
-                yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [], "usage": usage(prompt, completion, cached)})
+        try:
+            async for d in stream_deltas(gens):
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = completion_logprobs(d.meta, d.token_start, d.token_end, d.text_offset)
+                if d.text or d.reason is not None or (logprobs and logprobs["tokens"]):
+                    yield chunk(d.index, d.text, finish_reason_str(d.reason), logprobs)
+                if d.reason is not None:
+                    finals[d.index] = d.meta
+        except StreamAborted as e:
+            yield sse(e.error.body())
+            yield SSE_DONE
+            return
+        if include_usage and all(finals):
+            prompt = sum(m["prompt_tokens"] for k, m in enumerate(finals) if k % req.n == 0)
+            cached = sum(m["cached_tokens"] for k, m in enumerate(finals) if k % req.n == 0)
+            completion = sum(m["completion_tokens"] for m in finals)
+            yield sse({"id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": [], "usage": usage(prompt, completion, cached)})
         yield SSE_DONE
