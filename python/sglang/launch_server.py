@@ -8,4 +8,8 @@ from sglang.srt.entrypoints.http_server import launch_server
 from sglang.srt.server_args import prepare_server_args
 
 if __name__ == "__main__":
-    launch_server(prepare_server_args(sys.argv[1:]))
+    try:
+        launch_server(prepare_server_args(sys.argv[1:]))
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # Start-up problems the user can fix (model path, offline hub, bad config): one line, no trace.
+        sys.exit(f"error: {type(e).__name__}: {e}")

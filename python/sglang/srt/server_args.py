@@ -223,7 +223,10 @@ def _read_model_info(args: ServerArgs) -> tuple[list[str], str | None] | None:
     from sglang.srt.configs.model_config import ModelConfig
 
     try:
-        config = ModelConfig(args.model_path, revision=args.revision, quantization=args.quantization, download_dir=args.download_dir)
+        config = ModelConfig(
+            args.model_path, revision=args.revision, quantization=args.quantization,
+            download_dir=args.download_dir, load_format=args.load_format,
+        )  # fmt: skip
     except (FileNotFoundError, RuntimeError, OSError) as e:
         logger.warning("could not read the model config of %s (%s); backends resolve without it", args.model_path, e)
         return None
