@@ -37,7 +37,9 @@ class EagerGraph:
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     path = write_checkpoint(tmp_path_factory.mktemp("graph") / "ck", "nvfp4-per-expert", seed=7)
-    args = ServerArgs(model_path=str(path), dtype="float32", device="cpu", attention_backend="triton")
+    # The Triton attention backend needs a GPU or the interpreter (which conftest enables only without one).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = ServerArgs(model_path=str(path), dtype="float32", device=device, attention_backend="triton")
     return ModelRunner(args)
 
 
