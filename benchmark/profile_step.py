@@ -1,0 +1,127 @@
+"""Where a model step's time goes: host work, GPU time, and the GPU time per kernel family.
+
+    python benchmark/profile_step.py --model-path nvidia/Gemma-4-26B-A4B-NVFP4 --load-format dummy \
+        --mode decode --batch-size 1 --input-len 1000 [--disable-cuda-graph] [any ServerArgs flag]
+
+decode: prefills `batch-size` random prompts, then profiles decode steps. prefill: profiles the
+prefill of `batch-size` fresh prompts of `input-len` tokens (KV released after each). Each step is
+timed three ways: the whole step as bench_one_batch sees it (inputs built, forward, argmax copied
+back), the host time until the forward returns (launches queued), and the sum of GPU kernel durations
+from torch.profiler. The per-kernel table groups kernels by name so a layer's share is readable
+(e.g. all `moe_gemm1_kernel` calls). Kernels inside replayed CUDA graphs are seen too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sglang.bench_one_batch import random_prompts
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.server_args import ServerArgs
+from sglang.test.static_batch import decode_step, prefill, release
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _kernel_family(name: str) -> str:
+    # Triton kernels carry their Python name; cutlass/aten names are long templates: keep the head.
+    return name.split("(")[0].split("<")[0][:60]
+
+
+class _Stepper:
+    """One decode step of a live batch, or one prefill of fresh prompts, as a callable."""
+
+    def __init__(self, runner: ModelRunner, prompts: list[list[int]], mode: str):
+        self.runner, self.prompts, self.mode = runner, prompts, mode
+        self.batch = None
+        if mode == "decode":
+            self.batch, out = prefill(runner, prompts)
+            self.ids = out.next_token_logits.argmax(-1).tolist()
+
+    def launch(self):
+        if self.mode == "decode":
+            return decode_step(self.runner, self.batch, self.ids)
+        batch, out = prefill(self.runner, self.prompts)
+        release(self.runner, batch)
+        return out
+
+    def finish(self, out) -> None:
+        ids = out.next_token_logits.argmax(-1).tolist()
+        if self.mode == "decode":
+            self.ids = ids
+
+    def close(self) -> None:
+        if self.batch is not None:
+            release(self.runner, self.batch)
+
+
+def _time_steps(stepper: _Stepper, steps: int) -> tuple[list[float], list[float]]:
+    step_s, host_s = [], []
+    for _ in range(steps):
+        _sync()
+        t0 = time.perf_counter()
+        out = stepper.launch()
+        host_s.append(time.perf_counter() - t0)  # launches queued, the GPU may still be running
+        stepper.finish(out)
+        _sync()
+        step_s.append(time.perf_counter() - t0)
+    return step_s, host_s
+
+
+def _kernel_table(prof, steps: int) -> tuple[float, list[tuple[str, float, float]]]:
+    """GPU us per step in total, and (family, us/step, calls/step) sorted by time."""
+    per_family: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            fam = per_family[_kernel_family(evt.name)]
+            fam[0] += evt.device_time
+            fam[1] += 1
+    total = sum(us for us, _ in per_family.values())
+    rows = [(name, us / steps, calls / steps) for name, (us, calls) in per_family.items()]
+    return total / steps, sorted(rows, key=lambda r: -r[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ServerArgs.add_cli_args(parser)
+    parser.add_argument("--mode", choices=["decode", "prefill"], default="decode")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--input-len", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    if args.max_running_requests is None:
+        args.max_running_requests = max(args.batch_size, 8)
+    server_args = ServerArgs.from_cli_args(args)
+    runner = ModelRunner(server_args, ModelConfig.from_server_args(server_args))
+    prompts = random_prompts(args.batch_size, args.input_len, runner.model_config.vocab_size, seed=0)
+    stepper = _Stepper(runner, prompts, args.mode)
+    _time_steps(stepper, 2)  # warm-up
+    step_s, host_s = _time_steps(stepper, args.steps)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _time_steps(stepper, args.steps)
+    stepper.close()
+
+    gpu_us, rows = _kernel_table(prof, args.steps)
+    graphs = "off" if args.disable_cuda_graph else "on"
+    print(f"\n{args.mode}: batch {args.batch_size}, input {args.input_len}, cuda graphs {graphs}")
+    print(f"step wall (bench_one_batch view): median {statistics.median(step_s) * 1e3:.3f} ms")
+    print(f"host time until forward returns:  median {statistics.median(host_s) * 1e3:.3f} ms")
+    print(f"GPU kernel time per step (profiler): {gpu_us / 1e3:.3f} ms")
+    print(f"\n{'kernel family':<62} {'us/step':>9} {'calls/step':>10} {'share':>6}")
+    for name, us, calls in rows[: args.top]:
+        print(f"{name:<62} {us:>9.1f} {calls:>10.1f} {us / max(gpu_us, 1e-9):>6.1%}")
+
+
+if __name__ == "__main__":
+    main()
