@@ -4,6 +4,11 @@ One decoder layer (see gemma4.md):
   h = r + post_attention_norm(attn(input_norm(r)))
   dense = post_ffw_norm_1(mlp(pre_ffw_norm(h)));  moe = post_ffw_norm_2(experts(pre_ffw_norm_2(h)))
   out = (h + post_ffw_norm(dense + moe)) * layer_scalar     (the router reads the raw h)
+
+Small ops run as fused Triton kernels on CUDA (sglang.srt.layers.triton_ops; the torch code next to
+each call is the CPU path and the reference): per layer one kernel for q/k/v norms + rope, one for
+the residual add and the three norms after attention, one for GELU * up, one for routing, and one for
+the FFN combine, which also computes the next layer's input norm (so each layer receives it).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from sglang.srt.configs.model_config import LayerSpec
-from sglang.srt.layers.activation import get_act_fn
+from sglang.srt.layers.activation import get_act_and_mul_fn
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import MergedColumnLinear, ReplicatedLinear, WeightShapeError, check_shape
 from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 from sglang.srt.layers.moe.topk import gemma4_topk
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import RotaryEmbedding
+from sglang.srt.layers.triton_ops import fused_ops_enabled
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsProcessorOutput
 from sglang.srt.model_loader.load_report import LoadReport
 
@@ -60,16 +66,25 @@ class Gemma4Attention(torch.nn.Module):
         self.attn = RadixAttention(self.num_heads, d, 1.0, kvh, layer_id, sliding_window=window)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+        q, k, v = self.norm_rope(self.qkv_proj(x), rope)
+        return self.o_proj(self.attn(q, k, v, forward_batch))
+
+    def norm_rope(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """rope(q_norm(q)), rope(k_norm(k)), v_norm(v) from the fused projection (k doubles as v with k_eq_v)."""
         d, kvh = self.spec.head_dim, self.spec.num_kv_heads
-        qkv = self.qkv_proj(x)
+        cos, sin = rope
+        if fused_ops_enabled(qkv):
+            from sglang.srt.layers.triton_ops.qkv_norm_rope import qkv_norm_rope
+
+            return qkv_norm_rope(
+                qkv, self.num_heads, kvh, d, self.spec.k_eq_v, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps
+            )
         q = qkv[:, : self.num_heads * d].view(-1, self.num_heads, d)
         k = qkv[:, self.num_heads * d : (self.num_heads + kvh) * d].view(-1, kvh, d)
         v = k if self.spec.k_eq_v else qkv[:, (self.num_heads + kvh) * d :].view(-1, kvh, d)
-        cos, sin = rope
         q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
         k_roped = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
-        out = self.attn(q, k_roped, self.v_norm(v), forward_batch)
-        return self.o_proj(out)
+        return q, k_roped, self.v_norm(v)
 
 
 class Gemma4MLP(torch.nn.Module):
@@ -79,12 +94,10 @@ class Gemma4MLP(torch.nn.Module):
             hidden, [inter, inter], dtype, quant_config, f"{prefix}.gate_up_proj", ["gate_proj", "up_proj"]
         )
         self.down_proj = ReplicatedLinear(inter, hidden, dtype, quant_config, f"{prefix}.down_proj")
-        self.act = get_act_fn(act)
-        self.inter = inter
+        self.act_and_mul = get_act_and_mul_fn(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        return self.down_proj(self.act(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class Gemma4Router(torch.nn.Module):
@@ -99,8 +112,12 @@ class Gemma4Router(torch.nn.Module):
         self.per_expert_scale = _param((experts,), dtype)
         self.root_size = hidden**-0.5
 
+    def scaled_input(self, x: torch.Tensor) -> torch.Tensor:
+        """rmsnorm(x) * scale * root_size, the projection's input (fused into post_attention_norms on GPU)."""
+        return self.norm(x) * self.scale * self.root_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x) * self.scale * self.root_size)
+        return self.proj(self.scaled_input(x))
 
 
 class Gemma4DecoderLayer(torch.nn.Module):
@@ -123,16 +140,50 @@ class Gemma4DecoderLayer(torch.nn.Module):
             setattr(self, name, RMSNorm(hidden, eps, params_dtype=dtype))
         self.layer_scalar = _param((1,), dtype)
 
-    def forward(self, rope, h, forward_batch):
-        attn = self.self_attn(rope, self.input_layernorm(h), forward_batch)
-        h = h + self.post_attention_layernorm(attn)
-        ffw = self.mlp(self.pre_feedforward_layernorm(h))
+    def forward(self, rope, h: torch.Tensor, x: torch.Tensor, forward_batch, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the residual stream; x: input_layernorm(h). Returns the new h and next_norm(h), the next
+        layer's x (or the model's output), which the fused combine kernel computes in the same pass."""
+        attn = self.self_attn(rope, x, forward_batch)
+        h, x_mlp, x_moe, x_router = self._post_attention(h, attn)
+        dense = self.mlp(x_mlp)
+        moe = None
         if self.enable_moe:
-            topk = gemma4_topk(self.router(h), self.experts.top_k, self.router.per_expert_scale)
-            moe = self.experts(self.pre_feedforward_layernorm_2(h), topk)
-            ffw = self.post_feedforward_layernorm_1(ffw) + self.post_feedforward_layernorm_2(moe)
-        h = h + self.post_feedforward_layernorm(ffw)
-        return h * self.layer_scalar
+            topk = gemma4_topk(self.router.proj(x_router), self.experts.top_k, self.router.per_expert_scale)
+            moe = self.experts(x_moe, topk)
+        return self._combine(h, dense, moe, next_norm)
+
+    def _post_attention(self, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """h + post_attention_layernorm(attn), then the inputs of the dense MLP, the experts and the
+        router (the last two None on dense layers)."""
+        moe = self.enable_moe
+        if fused_ops_enabled(h):
+            from sglang.srt.layers.triton_ops.post_attention_norms import post_attention_norms
+
+            return post_attention_norms(
+                h, attn, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+                self.pre_feedforward_layernorm_2.weight if moe else None, self.router.scale if moe else None,
+                self.router.root_size if moe else 0.0, self.post_attention_layernorm.eps,
+            )  # fmt: skip
+        h = h + self.post_attention_layernorm(attn)
+        if not moe:
+            return h, self.pre_feedforward_layernorm(h), None, None
+        return h, self.pre_feedforward_layernorm(h), self.pre_feedforward_layernorm_2(h), self.router.scaled_input(h)
+
+    def _combine(self, h: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor | None, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = (h + post_feedforward_layernorm(ffw)) * layer_scalar and next_norm(h); ffw is the dense
+        output, or post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(moe)."""
+        if fused_ops_enabled(h):
+            from sglang.srt.layers.triton_ops.ffn_combine import ffn_combine
+
+            w_dense = self.post_feedforward_layernorm_1.weight if moe is not None else None
+            w_moe = self.post_feedforward_layernorm_2.weight if moe is not None else None
+            return ffn_combine(
+                h, dense, moe, w_dense, w_moe, self.post_feedforward_layernorm.weight, self.layer_scalar,
+                next_norm.weight, self.post_feedforward_layernorm.eps,
+            )  # fmt: skip
+        ffw = dense if moe is None else self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(moe)
+        h = (h + self.post_feedforward_layernorm(ffw)) * self.layer_scalar
+        return h, next_norm(h)
 
 
 class Gemma4TextModel(torch.nn.Module):
@@ -158,9 +209,11 @@ class Gemma4TextModel(torch.nn.Module):
     def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight) * self.embed_scale
         ropes = [rotary.cos_sin(positions) for rotary in self.rotary]
-        for layer, rope in zip(self.layers, self.rotary_of_layer):
-            h = layer(ropes[rope], h, forward_batch)
-        return self.norm(h)
+        x = self.layers[0].input_layernorm(h)
+        for i, (layer, rope) in enumerate(zip(self.layers, self.rotary_of_layer)):
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, x = layer(ropes[rope], h, x, forward_batch, next_norm)
+        return x  # the final norm of h
 
 
 class Gemma4ForCausalLM(torch.nn.Module):
@@ -199,8 +252,13 @@ class Gemma4ForCausalLM(torch.nn.Module):
         return torch.tensor(forward_batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.lm_head_weight()).float()
+        logits = F.linear(hidden, self.lm_head_weight())
         cap = self.final_logit_softcapping
+        if cap and fused_ops_enabled(logits):
+            from sglang.srt.layers.triton_ops.softcap import softcap
+
+            return softcap(logits, cap)
+        logits = logits.float()
         return cap * torch.tanh(logits / cap) if cap else logits
 
     # ---- weight loading -------------------------------------------------------------------

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang.srt.layers.triton_ops import fused_ops_enabled
+
 
 @dataclass
 class TopKOutput:
@@ -18,6 +20,10 @@ class TopKOutput:
 def gemma4_topk(
     router_logits: torch.Tensor, top_k: int, per_expert_scale: torch.Tensor | None = None
 ) -> TopKOutput:
+    if fused_ops_enabled(router_logits):
+        from sglang.srt.layers.triton_ops.router_topk import router_topk
+
+        return TopKOutput(*router_topk(router_logits, top_k, per_expert_scale))
     logits = router_logits.float()
     top_logits, topk_ids = torch.topk(logits, k=top_k, dim=-1)
     weights = torch.softmax(top_logits, dim=-1)

@@ -1,0 +1,97 @@
+"""Building blocks shared by the fused kernels: torch's rounding points and RMSNorm math.
+
+Numerics contract: every helper reproduces one torch op of the reference path in fp32 (the math
+torch does for bf16 tensors too), and `round_to` marks the points where torch stores a tensor in the
+model dtype. What can still differ from torch is fp32 reduction order and, for tanh/exp under the
+interpreter, the last fp32 bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Under TRITON_INTERPRET=1 libdevice calls are unavailable, and fp32 -> bf16 casts truncate instead of
+# rounding to nearest even as the GPU (and torch) do; the helpers below take another route there.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 `x` rounded to DTYPE (nearest even) and widened back: a torch `.to(dtype)` point."""
+    if DTYPE == tl.float32:
+        return x
+    elif INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def tanh(x):
+    """tanhf, as torch's CUDA kernels call it."""
+    if INTERPRET:
+        # fp64 keeps this within the last fp32 bit of a correctly rounded tanh.
+        xd = x.to(tl.float64)
+        t = tl.exp(-2.0 * tl.abs(xd))
+        y = (1.0 - t) / (1.0 + t)
+        return tl.where(xd < 0, -y, y).to(tl.float32)
+    else:
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def exp(x):
+    """expf (tl.exp is the faster, less exact ex2-based one)."""
+    if INTERPRET:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def inv_rms(sum_sq, inv_n, eps):
+    """torch.pow(mean(x^2) + eps, -0.5); mean is sum * fp32(1/n), as torch's CUDA mean computes it."""
+    return tl.math.rsqrt(sum_sq * inv_n + eps)
+
+
+@triton.jit
+def scale_row(x, r, w_ptr, offs, mask, HAS_W: tl.constexpr, DTYPE: tl.constexpr):
+    """(x * r) [* weight.float()] rounded to DTYPE: the tail of RMSNorm.forward."""
+    out = x * r
+    if HAS_W:
+        out = out * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return round_to(out, DTYPE)
+
+
+@triton.jit
+def rmsnorm_row(x, w_ptr, offs, mask, inv_n, eps, HAS_W: tl.constexpr, DTYPE: tl.constexpr):
+    """RMSNorm of one fp32 row (masked lanes zero), result rounded to DTYPE, returned as fp32."""
+    return scale_row(x, inv_rms(tl.sum(x * x, axis=0), inv_n, eps), w_ptr, offs, mask, HAS_W, DTYPE)
+
+
+@triton.jit
+def load_row(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+def inv_count(n: int) -> float:
+    """fp32(1 / n), computed in fp32 as torch's mean does."""
+    return float(np.float32(1.0) / np.float32(n))
+
+
+def row_warps(block: int) -> int:
+    """Warps for one program per row of `block` lanes: 8-16 elements a thread, 1..8 warps."""
+    return max(1, min(8, block // 512))
+
+
+def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """x when its last dim is contiguous (rows may have any stride), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()

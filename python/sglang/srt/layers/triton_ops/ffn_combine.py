@@ -1,0 +1,64 @@
+"""End of a decoder layer, one pass over each row:
+
+  ffw    = post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(moe)   (MoE layers;
+           dense layers take ffw = dense)
+  h      = (h + post_feedforward_layernorm(ffw)) * layer_scalar
+  x_next = next_norm(h)      (the next layer's input_layernorm, or the model's final norm)
+
+Each intermediate torch stores in the model dtype is rounded to it here too.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang.srt.layers.triton_ops.common import inv_count, load_row, rmsnorm_row, round_to, row_warps, unit_stride_rows
+
+
+@triton.jit
+def _ffn_combine_kernel(
+    h_ptr, dense_ptr, moe_ptr, w_dense_ptr, w_moe_ptr, w_post_ptr, scalar_ptr, w_next_ptr,
+    h_out, next_out, stride_h, stride_dense, stride_moe, n_cols, inv_n, eps,
+    HAS_MOE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    DTYPE: tl.constexpr = h_out.dtype.element_ty
+    ffw = load_row(dense_ptr + row * stride_dense, offs, mask)
+    if HAS_MOE:
+        moe = load_row(moe_ptr + row * stride_moe, offs, mask)
+        ffw = rmsnorm_row(ffw, w_dense_ptr, offs, mask, inv_n, eps, True, DTYPE)
+        ffw = round_to(ffw + rmsnorm_row(moe, w_moe_ptr, offs, mask, inv_n, eps, True, DTYPE), DTYPE)
+    h = load_row(h_ptr + row * stride_h, offs, mask)
+    h = round_to(h + rmsnorm_row(ffw, w_post_ptr, offs, mask, inv_n, eps, True, DTYPE), DTYPE)
+    h = round_to(h * tl.load(scalar_ptr).to(tl.float32), DTYPE)
+    out = row * n_cols + offs
+    tl.store(h_out + out, h, mask=mask)
+    tl.store(next_out + out, rmsnorm_row(h, w_next_ptr, offs, mask, inv_n, eps, True, DTYPE), mask=mask)
+
+
+def ffn_combine(
+    h: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor | None, w_dense: torch.Tensor | None,
+    w_moe: torch.Tensor | None, w_post: torch.Tensor, layer_scalar: torch.Tensor, w_next: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(h, x_next). moe, w_dense and w_moe are given together (MoE layers) or are all None."""
+    tokens, hidden = h.shape
+    has_moe = moe is not None
+    if not (has_moe == (w_dense is not None) == (w_moe is not None)):
+        raise ValueError("moe, w_dense and w_moe come together (MoE layers) or not at all")
+    h, dense = unit_stride_rows(h), unit_stride_rows(dense)
+    moe = unit_stride_rows(moe) if has_moe else None
+    h_out = torch.empty_like(h, memory_format=torch.contiguous_format)
+    next_out = torch.empty_like(h_out)
+    if tokens > 0:
+        block = triton.next_power_of_2(hidden)
+        moe_in = moe if has_moe else dense
+        _ffn_combine_kernel[(tokens,)](
+            h, dense, moe_in, w_dense if has_moe else w_post, w_moe if has_moe else w_post, w_post, layer_scalar,
+            w_next, h_out, next_out, h.stride(0), dense.stride(0), moe_in.stride(0), hidden, inv_count(hidden), eps,
+            HAS_MOE=has_moe, BLOCK=block, num_warps=row_warps(block), enable_fp_fusion=False,
+        )  # fmt: skip
+    return h_out, next_out
