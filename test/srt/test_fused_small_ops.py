@@ -39,7 +39,7 @@ from sglang.srt.layers.triton_ops import fused_ops  # noqa: E402
 from sglang.srt.model_executor.model_runner import ModelRunner  # noqa: E402
 from sglang.srt.models.gemma4_causal import Gemma4Attention, Gemma4DecoderLayer, Gemma4ForCausalLM  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
-from sglang.test.make_gemma4_checkpoint import write_checkpoint  # noqa: E402
+from sglang.test.make_gemma4_checkpoint import tiny_text_config, write_checkpoint  # noqa: E402
 from sglang.test.static_batch import greedy_generate, prefill, release  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,7 +197,8 @@ def test_router_topk(dtype, experts, top_k):
     assert torch.equal(out.router_logits, ref.router_logits)
     torch.testing.assert_close(out.topk_weights, ref.topk_weights, rtol=2e-6, atol=1e-7)
     no_scale, _ = both(gemma4_topk, logits, top_k, None)
-    torch.testing.assert_close(no_scale.topk_weights * scale.float()[ref.topk_ids.long()], ref.topk_weights, rtol=2e-6, atol=1e-7)
+    scaled = no_scale.topk_weights * scale.float()[ref.topk_ids.long()]
+    torch.testing.assert_close(scaled, ref.topk_weights, rtol=2e-6, atol=1e-7)
 
 
 def test_router_topk_ties_pick_the_lowest_expert_id():
@@ -224,10 +225,12 @@ def test_softcap_logits(dtype):
 # ---- the whole model ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(DEV == "cuda", reason="CPU interpreter check; GPU runs use the real models")
 def test_tiny_model_fused_vs_torch(tmp_path):
-    path = write_checkpoint(tmp_path / "ck", "nvfp4-per-expert", seed=5)
-    runner = ModelRunner(ServerArgs(model_path=str(path), dtype="float32", device="cpu", max_total_tokens=256))
+    # Three layers: sliding, sliding, full (k_eq_v, partial rope), all MoE.
+    path = write_checkpoint(tmp_path / "ck", "nvfp4-per-expert", seed=5, text_config=tiny_text_config(num_hidden_layers=3))
+    # Eager: a CUDA graph would replay whichever path it captured.
+    args = ServerArgs(model_path=str(path), dtype="float32", device=DEV, max_total_tokens=256, disable_cuda_graph=True)
+    runner = ModelRunner(args)
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(110, runner.model_config.vocab_size, (n,), generator=g).tolist() for n in (7, 3)]
 
@@ -273,7 +276,8 @@ def _compile_for_sm90() -> None:
         stride_cs=i32, num_heads=i32, num_kv_heads=i32, v_col=i32, inv_d=f32, eps=f32,
     )  # fmt: skip
     for head_dim in (256, 512):
-        compile_one(qkv_norm_rope._qkv_norm_rope_kernel, qkv, {"HEAD_DIM": head_dim, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2}, 8)
+        consts = {"HEAD_DIM": head_dim, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2}
+        compile_one(qkv_norm_rope._qkv_norm_rope_kernel, qkv, consts, 8)
     post = dict(
         h_ptr=bf, attn_ptr=bf, w_post_ptr=bf, w_mlp_ptr=bf, w_moe_ptr=bf, router_scale_ptr=bf, h_out=bf, mlp_out=bf,
         moe_out=bf, router_out=bf, stride_h=i32, stride_attn=i32, n_cols=i32, inv_n=f32, eps=f32, root_size=f32,
@@ -285,7 +289,10 @@ def _compile_for_sm90() -> None:
     for has_moe in (True, False):
         compile_one(post_attention_norms._post_attention_norms_kernel, post, {"HAS_MOE": has_moe, "BLOCK": 4096}, 8)
         compile_one(ffn_combine._ffn_combine_kernel, combine, {"HAS_MOE": has_moe, "BLOCK": 4096}, 8)
-    topk = dict(logits_ptr=bf, scale_ptr=bf, weights_ptr="*fp32", ids_ptr="*i32", logits_out_ptr="*fp32", stride_logits=i32, num_experts=i32)
+    topk = dict(
+        logits_ptr=bf, scale_ptr=bf, weights_ptr="*fp32", ids_ptr="*i32", logits_out_ptr="*fp32", stride_logits=i32,
+        num_experts=i32,
+    )  # fmt: skip
     compile_one(router_topk._router_topk_kernel, topk, {"HAS_SCALE": True, "TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8}, 1)
 
 
@@ -298,6 +305,7 @@ def _ptxas_available() -> bool:
 @pytest.mark.skipif(not _ptxas_available(), reason="triton ships no ptxas here")
 def test_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_fused_small_ops as t; t._compile_for_sm90()"
+    here = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_fused_small_ops as t; t._compile_for_sm90()"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -140,7 +140,9 @@ class Gemma4DecoderLayer(torch.nn.Module):
             setattr(self, name, RMSNorm(hidden, eps, params_dtype=dtype))
         self.layer_scalar = _param((1,), dtype)
 
-    def forward(self, rope, h: torch.Tensor, x: torch.Tensor, forward_batch, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, rope, h: torch.Tensor, x: torch.Tensor, forward_batch, next_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: the residual stream; x: input_layernorm(h). Returns the new h and next_norm(h), the next
         layer's x (or the model's output), which the fused combine kernel computes in the same pass."""
         attn = self.self_attn(rope, x, forward_batch)
@@ -169,7 +171,9 @@ class Gemma4DecoderLayer(torch.nn.Module):
             return h, self.pre_feedforward_layernorm(h), None, None
         return h, self.pre_feedforward_layernorm(h), self.pre_feedforward_layernorm_2(h), self.router.scaled_input(h)
 
-    def _combine(self, h: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor | None, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    def _combine(
+        self, h: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor | None, next_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h = (h + post_feedforward_layernorm(ffw)) * layer_scalar and next_norm(h); ffw is the dense
         output, or post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(moe)."""
         if fused_ops_enabled(h):

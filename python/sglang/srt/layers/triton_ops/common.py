@@ -78,6 +78,13 @@ def rmsnorm_row(x, w_ptr, offs, mask, inv_n, eps, HAS_W: tl.constexpr, DTYPE: tl
 
 
 @triton.jit
+def row_lanes(n_cols, BLOCK: tl.constexpr):
+    """(row, offs, mask) of a one-program-per-row kernel; the row index is int64 (T * width can pass 2^31)."""
+    offs = tl.arange(0, BLOCK)
+    return tl.program_id(0).to(tl.int64), offs, offs < n_cols
+
+
+@triton.jit
 def load_row(ptr, offs, mask):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 

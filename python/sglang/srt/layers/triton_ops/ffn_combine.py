@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.triton_ops.common import inv_count, load_row, rmsnorm_row, round_to, row_warps, unit_stride_rows
+from sglang.srt.layers.triton_ops.common import (
+    inv_count, load_row, rmsnorm_row, round_to, row_lanes, row_warps, unit_stride_rows,
+)  # fmt: skip
 
 
 @triton.jit
@@ -23,9 +25,7 @@ def _ffn_combine_kernel(
     h_out, next_out, stride_h, stride_dense, stride_moe, n_cols, inv_n, eps,
     HAS_MOE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n_cols
+    row, offs, mask = row_lanes(n_cols, BLOCK)
     DTYPE: tl.constexpr = h_out.dtype.element_ty
     ffw = load_row(dense_ptr + row * stride_dense, offs, mask)
     if HAS_MOE:

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.triton_ops.common import inv_count, inv_rms, load_row, rmsnorm_row, round_to, row_warps, scale_row, unit_stride_rows
+from sglang.srt.layers.triton_ops.common import (
+    inv_count, inv_rms, load_row, rmsnorm_row, round_to, row_lanes, row_warps, scale_row, unit_stride_rows,
+)  # fmt: skip
 
 
 @triton.jit
@@ -25,9 +27,7 @@ def _post_attention_norms_kernel(
     stride_h, stride_attn, n_cols, inv_n, eps, root_size,
     HAS_MOE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n_cols
+    row, offs, mask = row_lanes(n_cols, BLOCK)
     DTYPE: tl.constexpr = h_out.dtype.element_ty
     attn = load_row(attn_ptr + row * stride_attn, offs, mask)
     h = load_row(h_ptr + row * stride_h, offs, mask)

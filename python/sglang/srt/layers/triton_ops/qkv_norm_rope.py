@@ -64,15 +64,22 @@ def _qkv_norm_rope_kernel(
     row = qkv_ptr + t * stride_qkv
     cos_row = cos_ptr + t * stride_cs
     sin_row = sin_ptr + t * stride_cs
-    q_dst = q_ptr + t * num_heads * HEAD_DIM
     kv_dst = t * num_kv_heads * HEAD_DIM
     if group == 0:
-        _norm_rope_heads(row, q_dst, num_heads, qw_ptr, cos_row, sin_row, inv_d, eps, True, True, HALF, BLOCK_H, BLOCK_HALF)
+        q_dst = q_ptr + t * num_heads * HEAD_DIM
+        _norm_rope_heads(
+            row, q_dst, num_heads, qw_ptr, cos_row, sin_row, inv_d, eps, True, True, HALF, BLOCK_H, BLOCK_HALF
+        )
     elif group == 1:
         k_src = row + num_heads * HEAD_DIM
-        _norm_rope_heads(k_src, k_ptr + kv_dst, num_kv_heads, kw_ptr, cos_row, sin_row, inv_d, eps, True, True, HALF, BLOCK_H, BLOCK_HALF)
-    else:
-        _norm_rope_heads(row + v_col, v_ptr + kv_dst, num_kv_heads, kw_ptr, cos_row, sin_row, inv_d, eps, False, False, HALF, BLOCK_H, BLOCK_HALF)
+        _norm_rope_heads(
+            k_src, k_ptr + kv_dst, num_kv_heads, kw_ptr, cos_row, sin_row, inv_d, eps, True, True, HALF, BLOCK_H, BLOCK_HALF
+        )
+    else:  # v: norm without weight, no rope
+        _norm_rope_heads(
+            row + v_col, v_ptr + kv_dst, num_kv_heads, kw_ptr, cos_row, sin_row, inv_d, eps, False, False, HALF, BLOCK_H,
+            BLOCK_HALF,
+        )  # fmt: skip
 
 
 def qkv_norm_rope(

@@ -6,14 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.triton_ops.common import inv_count, load_row, rmsnorm_row, row_warps, unit_stride_rows
+from sglang.srt.layers.triton_ops.common import inv_count, load_row, rmsnorm_row, row_lanes, row_warps, unit_stride_rows
 
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, n_cols, inv_n, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n_cols
+    row, offs, mask = row_lanes(n_cols, BLOCK)
     x = load_row(x_ptr + row * stride_x, offs, mask)
     out = rmsnorm_row(x, w_ptr, offs, mask, inv_n, eps, HAS_W, out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * n_cols + offs, out, mask=mask)
