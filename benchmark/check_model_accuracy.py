@@ -1,10 +1,11 @@
 """Whole-model agreement of the fast GPU path with the reference path, on the same weights.
 
 Fast path: the server's defaults on the device (Triton MoE, Triton attention, CUDA graphs, the chosen
-KV dtype). Reference: the torch MoE runner (exact W4A16, fp32 math) and the torch attention backend
-over a bf16 KV cache. Both load the same dummy weights (same seed), read one random prompt, then the
-fast path decodes greedily and the reference is teacher-forced along the same tokens, so every
-position compares logits for identical inputs.
+KV dtype, fused Triton small ops). Reference: the torch MoE runner (exact W4A16, fp32 math), the torch
+attention backend over a bf16 KV cache and the torch small ops (norms, rope, router, combine). Both
+load the same dummy weights (same seed), read one random prompt, then the fast path decodes greedily
+and the reference is teacher-forced along the same tokens, so every position compares logits for
+identical inputs.
 
   python benchmark/check_model_accuracy.py --model-path nvidia/Gemma-4-26B-A4B-NVFP4 --load-format dummy \
       --prompt-len 1000 --decode-len 64 --kv-cache-dtype auto        # then fp8_e4m3
@@ -21,6 +22,7 @@ import sys
 
 import torch
 
+from sglang.srt.layers.triton_ops import fused_ops
 from sglang.srt.model_executor.model_runner import ModelRunner
 from sglang.srt.server_args import ServerArgs
 from sglang.test.static_batch import decode_step, prefill, release
@@ -50,12 +52,14 @@ def compare(fast: list[torch.Tensor], ref: list[torch.Tensor]) -> Agreement:
 def run_pair(fast: ModelRunner, ref: ModelRunner, prompt: list[int], decode_len: int) -> Agreement:
     """Prompt logits at every position, then decode_len greedy steps of the fast path."""
     fb, fout = prefill(fast, [prompt], return_all_logits=True)
-    rb, rout = prefill(ref, [prompt], return_all_logits=True)
+    with fused_ops(False):
+        rb, rout = prefill(ref, [prompt], return_all_logits=True)
     fast_logits, ref_logits = [fout.all_logits], [rout.all_logits]
     token = int(fout.next_token_logits[0].argmax())
     for _ in range(decode_len):
         f = decode_step(fast, fb, [token]).next_token_logits
-        r = decode_step(ref, rb, [token]).next_token_logits
+        with fused_ops(False):
+            r = decode_step(ref, rb, [token]).next_token_logits
         fast_logits.append(f)
         ref_logits.append(r)
         token = int(f[0].argmax())
