@@ -2,6 +2,7 @@
 
   python benchmark/bench_moe_nvfp4.py            # table with the configured tiles (configs.py)
   python benchmark/bench_moe_nvfp4.py --tune     # sweep tiles per M first and use the best ones
+  python benchmark/bench_moe_nvfp4.py --tune --formats nvfp4 --m 1 16   # a part of the sweep
 
 Shapes: E=128, H=2816, I=704, top-8 (Gemma 4 26B-A4B), random weights, random routing.
 Timing: each point captures R calls with R different routings (and inputs) in one CUDA graph and
@@ -28,15 +29,29 @@ M_LIST = [1, 4, 16, 64, 256, 1024, 4096, 8192]
 ACT = "gelu_pytorch_tanh"
 ROUTINGS = 8  # calls per graph, each with its own routing
 
-# Tile candidates (block_n, block_k, num_warps, num_stages, swap_ab) for the sweep.
-SMALL_TILES = [
-    (32, 128, 4, 4, 0), (64, 128, 4, 4, 0), (64, 128, 4, 4, 1), (128, 128, 4, 3, 1), (16, 128, 4, 4, 0),
-    (32, 128, 8, 4, 0), (64, 128, 8, 4, 0), (16, 256, 4, 3, 0), (32, 256, 8, 3, 0), (64, 256, 8, 3, 1),
-]  # fmt: skip
-LARGE_TILES = [
-    (64, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0), (128, 64, 8, 4, 1), (64, 128, 4, 4, 1),
-    (256, 64, 8, 3, 0), (64, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 128, 8, 3, 0),
-]  # fmt: skip
+# Tile candidates (block_n, block_k, num_warps, num_stages, swap_ab) for the sweep. NVFP4 tiles need
+# block_k a multiple of 64; with block_m >= 64 they always run swapped (see fused_moe._launch_kwargs).
+SMALL_TILES = {
+    "nvfp4": [
+        (32, 128, 4, 4, 0), (32, 256, 4, 3, 0), (32, 256, 4, 4, 0), (16, 256, 2, 4, 0), (16, 128, 2, 4, 0),
+        (64, 128, 4, 4, 0), (64, 128, 4, 3, 1), (64, 64, 4, 4, 1), (64, 64, 4, 4, 0), (128, 64, 4, 4, 1),
+        (32, 64, 4, 4, 0), (64, 256, 8, 3, 0),
+    ],
+    "bf16": [
+        (32, 128, 4, 4, 0), (64, 128, 4, 4, 0), (64, 128, 4, 4, 1), (128, 128, 4, 3, 1), (16, 128, 4, 4, 0),
+        (32, 128, 8, 4, 0), (64, 128, 8, 4, 0), (16, 256, 4, 3, 0), (32, 256, 8, 3, 0), (64, 256, 8, 3, 1),
+    ],
+}  # fmt: skip
+LARGE_TILES = {
+    "nvfp4": [
+        (64, 64, 4, 3, 1), (128, 64, 8, 3, 1), (128, 64, 4, 3, 1), (64, 128, 4, 3, 1), (128, 128, 8, 3, 1),
+        (256, 64, 8, 3, 1), (64, 64, 4, 4, 1), (128, 64, 8, 4, 1),
+    ],
+    "bf16": [
+        (64, 64, 4, 3, 0), (128, 64, 8, 3, 0), (128, 64, 4, 4, 0), (128, 64, 8, 4, 1), (64, 128, 4, 4, 1),
+        (256, 64, 8, 3, 0), (64, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 128, 8, 3, 0),
+    ],
+}  # fmt: skip
 
 
 def block_m_candidates(m: int) -> list[int]:
@@ -50,16 +65,17 @@ def block_m_candidates(m: int) -> list[int]:
     return [64, 128]
 
 
-def tiles_for(block_m: int) -> list[tuple]:
-    return SMALL_TILES if block_m <= 32 else LARGE_TILES
+def tiles_for(fmt: str, block_m: int) -> list[tuple]:
+    return (SMALL_TILES if block_m <= 32 else LARGE_TILES)[fmt]
 
 
 # ----------------------------------------------------------------------------- setup
 
 
 def make_weights(fmt: str, init: bool):
-    """ExpertWeights at the real shapes; init=False leaves memory uninitialised (compile-only use)."""
-    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights
+    """ExpertWeights at the real shapes (NVFP4 in the kernels' repacked layout); init=False leaves
+    memory uninitialised (compile-only use)."""
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, prepare_nvfp4_experts
     from sglang.srt.layers.quantization.fp4_utils import quantize_nvfp4
 
     dev = "cuda"
@@ -70,10 +86,10 @@ def make_weights(fmt: str, init: bool):
         return ExpertWeights((torch.randn(E, 2 * I, H, device=dev) * 0.03).bfloat16(),
                              (torch.randn(E, H, I, device=dev) * 0.03).bfloat16())  # fmt: skip
     if not init:
-        u8, f8 = torch.uint8, torch.float8_e4m3fn
+        i32 = torch.int32
         return ExpertWeights(
-            torch.empty(E, 2 * I, H // 2, dtype=u8, device=dev), torch.empty(E, H, I // 2, dtype=u8, device=dev),
-            torch.empty(E, 2 * I, H // 16, dtype=f8, device=dev), torch.empty(E, H, I // 16, dtype=f8, device=dev),
+            torch.empty(E, 2 * I, H // 8, dtype=i32, device=dev), torch.empty(E, H, I // 8, dtype=i32, device=dev),
+            torch.empty(E, 2 * I, -(-H // 64), dtype=i32, device=dev), torch.empty(E, H, -(-I // 64), dtype=i32, device=dev),
             torch.ones(E, 2, device=dev), torch.ones(E, device=dev),
         )  # fmt: skip
 
@@ -84,7 +100,11 @@ def make_weights(fmt: str, init: bool):
     pg, sg, gg = quant(I, H, 0.05)
     pu, su, gu = quant(I, H, 0.02)
     p2, s2, g2 = quant(H, I, 0.03)
-    return ExpertWeights(torch.cat([pg, pu], 1), p2, torch.cat([sg, su], 1), s2, torch.stack([gg, gu], 1), g2)
+    checkpoint = ExpertWeights(torch.cat([pg, pu], 1), p2, torch.cat([sg, su], 1), s2, torch.stack([gg, gu], 1), g2)
+    w = prepare_nvfp4_experts(checkpoint.w13, checkpoint.w2, checkpoint.w13_scale, checkpoint.w2_scale,
+                              checkpoint.w13_scale_2, checkpoint.w2_scale_2)  # fmt: skip
+    w.checkpoint = checkpoint  # the torch reference reads the checkpoint layout
+    return w
 
 
 def expert_bytes(fmt: str) -> int:
@@ -107,6 +127,17 @@ def make_routings(m: int, seed: int):
 
 
 # ----------------------------------------------------------------------------- timing
+
+
+def warm_up_gpu(seconds: float = 0.5) -> None:
+    """Run large copies for a while so that clocks have ramped up before anything is timed."""
+    a = torch.randn(1 << 26, device="cuda")
+    b = torch.empty_like(a)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            b.copy_(a)
+        torch.cuda.synchronize()
 
 
 def time_graph(calls: list[Callable[[], object]], replays: int = 10) -> float:
@@ -145,6 +176,7 @@ def time_eager(fn: Callable[[], object], reps: int = 5) -> float:
 
 
 def measure_ceilings() -> dict:
+    warm_up_gpu()
     n = 1 << 28  # fp32 elements: 1 GiB each way
     a = torch.randn(n, device="cuda")
     b = torch.empty_like(a)
@@ -160,13 +192,13 @@ def measure_ceilings() -> dict:
 # ----------------------------------------------------------------------------- tuning
 
 
-def _jobs() -> list[tuple]:
+def _jobs(formats: list[str], m_list: list[int]) -> list[tuple]:
     jobs = []
-    for fmt in ("nvfp4", "bf16"):
-        for m in M_LIST:
+    for fmt in formats:
+        for m in m_list:
             for bm in block_m_candidates(m):
                 jobs.append((fmt, m, bm, "align", None))
-                for t in tiles_for(bm):
+                for t in tiles_for(fmt, bm):
                     jobs.append((fmt, m, bm, "g1", t))
                     jobs.append((fmt, m, bm, "g2", t))
     return jobs
@@ -200,8 +232,8 @@ def _compile_job(job: tuple) -> str:
         return f"fail {job}: {type(exc).__name__}: {str(exc)[:120]}"
 
 
-def precompile(workers: int) -> None:
-    jobs = _jobs()
+def precompile(workers: int, formats: list[str], m_list: list[int]) -> None:
+    jobs = _jobs(formats, m_list)
     # Group by format so each worker holds one weight set at a time.
     jobs.sort(key=lambda j: j[0])
     t0 = time.time()
@@ -222,7 +254,7 @@ def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
         aligned = [fm.moe_align(r.topk_ids, E, bm) for _, r in routings]
         t_align = time_graph([lambda r=r: fm.moe_align(r.topk_ids, E, bm) for _, r in routings])
         g1 = {}
-        for t in tiles_for(bm):
+        for t in tiles_for(fmt, bm):
             try:
                 g1[t] = time_graph([lambda x=x, a=a, t=t: fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t))
                                     for (x, _), a in zip(routings, aligned)])  # fmt: skip
@@ -232,7 +264,7 @@ def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
         hs = [fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t1)) for (x, _), a in zip(routings, aligned)]
         outs = [torch.empty(m * TOP_K, H, dtype=torch.bfloat16, device="cuda") for _ in routings]
         g2 = {}
-        for t in tiles_for(bm):
+        for t in tiles_for(fmt, bm):
             try:
                 g2[t] = time_graph([lambda h=h, a=a, r=r, o=o, t=t: fm.moe_gemm2(h, w, a, r.topk_weights, o, tile(*t))
                                     for h, a, (_, r), o in zip(hs, aligned, routings, outs)])  # fmt: skip
@@ -263,6 +295,8 @@ def torch_reference_time(fmt: str, w, m: int, routings) -> float:
 
     layer = torch.nn.Module()
     layer.intermediate_size_per_partition, layer.activation = I, ACT
+    if fmt == "nvfp4":
+        w = w.checkpoint
     layer.w13_weight, layer.w2_weight = w.w13, w.w2
     if fmt == "nvfp4":
         layer.w13_weight_scale, layer.w2_weight_scale = w.w13_scale, w.w2_scale
@@ -277,23 +311,26 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--ref-max-m", type=int, default=64, help="largest M for the (slow) torch reference")
+    ap.add_argument("--formats", nargs="+", default=["nvfp4", "bf16"], choices=["nvfp4", "bf16"])
+    ap.add_argument("--m", nargs="+", type=int, default=M_LIST, help="token counts to run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
     from sglang.srt.layers.moe.fused_moe_triton.configs import MoeTileConfig, device_key, get_moe_config, tile
 
     card = torch.cuda.get_device_name()
     print(f"card: {card}  triton {__import__('triton').__version__}  torch {torch.__version__}")
     if args.tune:
-        precompile(args.workers)
+        precompile(args.workers, args.formats, args.m)
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_bw_Bps'] / 1e12:.2f} TB/s   bf16 matmul {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
 
     results = {"card": card, "device_key": device_key(), "ceilings": ceil, "shape": [E, H, I, TOP_K], "points": []}
     tuned = {}
-    for fmt in ("nvfp4", "bf16"):
+    for fmt in args.formats:
         w = make_weights(fmt, init=True)
-        for m in M_LIST:
+        for m in args.m:
             routings = make_routings(m, seed=m)
             if args.tune:
                 best, log = tune_point(fmt, w, m, routings)
@@ -315,6 +352,14 @@ def main() -> None:
             }  # fmt: skip
             if m in (1, 64, 1024, 8192):
                 point["unfused_act_us"] = bench_layer(fmt, w, m, routings, cfg, fuse_act=False) * 1e6
+            if fmt == "nvfp4" and m >= 1024:
+                # The other side of FP4_DEQUANT_MIN_TOKENS: experts expanded to bf16 first vs decoded in the loop.
+                point["fp4_path"] = "dequant" if m >= fm.FP4_DEQUANT_MIN_TOKENS else "in-loop"
+                other = 1 << 30 if m >= fm.FP4_DEQUANT_MIN_TOKENS else 1
+                saved, fm.FP4_DEQUANT_MIN_TOKENS = fm.FP4_DEQUANT_MIN_TOKENS, other
+                bf_cfg = get_moe_config(m, E, H, I, TOP_K, "bf16") if other == 1 else cfg
+                point["other_path_us"] = bench_layer(fmt, w, m, routings, bf_cfg) * 1e6
+                fm.FP4_DEQUANT_MIN_TOKENS = saved
             if m <= args.ref_max_m:
                 point["torch_ref_us"] = torch_reference_time(fmt, w, m, routings) * 1e6
             results["points"].append(point)
@@ -337,15 +382,22 @@ def print_table(results: dict) -> None:
           f"{'bf16 us':>8} {'%copy':>6} {'TF/s':>6} | {'fp4/bf16':>8} | {'unfused':>8} | {'torch ref':>9}")  # fmt: skip
     for m in M_LIST:
         f, b = by.get(("nvfp4", m)), by.get(("bf16", m))
-        if not f or not b:
+        if not f:
             continue
         ref = f.get("torch_ref_us")
         unf = f.get("unfused_act_us")
+        bf = (f"{b['time_us']:>8.1f} {100 * b['bw_ratio']:>5.0f}% {b['tflops']:>6.1f} | "
+              f"{f['time_us'] / b['time_us']:>8.2f}") if b else f"{'-':>8} {'-':>6} {'-':>6} | {'-':>8}"  # fmt: skip
         print(f"{m:>5} | {f['time_us']:>8.1f} {f['eff_bw_Bps'] / 1e9:>6.0f} {100 * f['bw_ratio']:>5.0f}% "
-              f"{f['floor_ratio']:>6.2f} {f['tflops']:>6.1f} {100 * f['mm_ratio']:>4.0f}% | "
-              f"{b['time_us']:>8.1f} {100 * b['bw_ratio']:>5.0f}% {b['tflops']:>6.1f} | "
-              f"{f['time_us'] / b['time_us']:>8.2f} | {(f'{unf:.1f}' if unf else '-'):>8} | "
-              f"{(f'{ref:.0f}' if ref else '-'):>9}")  # fmt: skip
+              f"{f['floor_ratio']:>6.2f} {f['tflops']:>6.1f} {100 * f['mm_ratio']:>4.0f}% | {bf} | "
+              f"{(f'{unf:.1f}' if unf else '-'):>8} | {(f'{ref:.0f}' if ref else '-'):>9}")  # fmt: skip
+    others = [p for p in results["points"] if "other_path_us" in p]
+    if others:
+        print("NVFP4 large-batch paths (us): " + ", ".join(
+            f"M={p['m']} {p['fp4_path']} {p['time_us']:.0f} / other {p['other_path_us']:.0f}" for p in others))  # fmt: skip
+    for fmt, rows in results.get("tuned", {}).items():
+        for m, best in rows:
+            print(f"tuned {fmt} M={m}: block_m={best['block_m']} gemm1={tuple(best['gemm1'])} gemm2={tuple(best['gemm2'])}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ kernels are imported) at tiny shapes; on a GPU host the same checks run at the r
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -88,6 +89,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_triton(layer, x, topk, weight_format, config: MoeTileConfig | None = None) -> torch.Tensor:
+    """Note: repacks an NVFP4 layer in place (take the torch reference first)."""
     runner = get_moe_runner("triton", weight_format)
     runner.process_weights_after_loading(layer)
     if config is None:
@@ -134,7 +136,7 @@ _TINY_CASES = [
     (6, 32, 80, 9, 1, True, "gelu_pytorch_tanh"),
     (9, 64, 32, 3, 8, True, "silu"),
 ]
-_TINY_CFG = MoeTileConfig(16, tile(32, 32, 4, 2, 1), tile(32, 32, 4, 2, 0))
+_TINY_CFG = MoeTileConfig(16, tile(32, 64, 4, 2, 1), tile(32, 64, 4, 2, 0))
 
 
 @pytest.mark.parametrize("case", _TINY_CASES)
@@ -145,9 +147,10 @@ def test_fused_moe_tiny(case, weight_format):
     x = torch.randn(m, hidden, device=DEV).bfloat16()
     topk = make_routing(m, num_experts, top_k, skewed)
     cfg = _TINY_CFG if DEV == "cpu" else None
+    ref = reference(layer, x, topk, weight_format)
     out = run_triton(layer, x, topk, weight_format, cfg)
     assert out.dtype == x.dtype and out.shape == x.shape
-    assert rel_err(out, reference(layer, x, topk, weight_format)) <= TOL
+    assert rel_err(out, ref) <= TOL
 
 
 def test_nvfp4_bf16_expansion_path(monkeypatch):
@@ -164,16 +167,43 @@ def test_nvfp4_bf16_expansion_path(monkeypatch):
     assert rel_err(run_triton(layer, x, topk, "nvfp4", cfg), ref) <= TOL
 
 
+def _prepare(layer):
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import prepare_nvfp4_experts
+
+    return prepare_nvfp4_experts(layer.w13_weight, layer.w2_weight, layer.w13_weight_scale,
+                                 layer.w2_weight_scale, layer.w13_weight_scale_2, layer.w2_weight_scale_2)  # fmt: skip
+
+
 def test_fp4_expansion_is_exact():
-    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, dequantize_fp4_experts
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import dequantize_fp4_experts
 
     layer = make_moe_layer(3, 64, 48, 2, "nvfp4")
-    w = ExpertWeights(layer.w13_weight, layer.w2_weight, layer.w13_weight_scale, layer.w2_weight_scale,
-                      layer.w13_weight_scale_2, layer.w2_weight_scale_2)  # fmt: skip
+    w = _prepare(layer)
     expanded = dequantize_fp4_experts(w)
     want = dequantize_nvfp4(layer.w2_weight.cpu(), layer.w2_weight_scale.cpu(), 1.0)
     assert torch.equal(expanded.w2.float().cpu(), want)
-    assert expanded.w13_scale_2 is layer.w13_weight_scale_2
+    assert torch.equal(expanded.w13_scale_2, w.w13_scale_2)
+
+
+def test_fp4_decode_every_code_and_scale():
+    """The kernels' decode (inline PTX on the GPU, its Triton mirror on the CPU) against the exact
+    dequantisation, for all 16 codes at every position of a word, times every non-NaN e4m3 scale
+    (subnormal, zero and negative ones included)."""
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, dequantize_fp4_experts
+
+    scale_bytes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    rows = len(scale_bytes)
+    t = torch.arange(256)
+    codes = ((t % 16 + t // 16) % 16).to(torch.uint8).expand(rows, 256)  # block b: codes shifted by b
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    scales = scale_bytes[:, None].expand(rows, 16).contiguous().view(torch.float8_e4m3fn)
+    ones = torch.ones(1, 2)
+    w = _prepare(SimpleNamespace(w13_weight=packed[None].to(DEV), w2_weight=packed[None].to(DEV),
+                                 w13_weight_scale=scales[None].to(DEV), w2_weight_scale=scales[None].to(DEV),
+                                 w13_weight_scale_2=ones.to(DEV), w2_weight_scale_2=ones[:, 0].to(DEV)))  # fmt: skip
+    got = dequantize_fp4_experts(ExpertWeights(w.w13, w.w2, w.w13_scale, w.w2_scale))
+    want = dequantize_nvfp4(packed, scales, 1.0)
+    assert torch.equal(got.w2[0].float().cpu(), want)
 
 
 def test_gate_and_up_scales_are_kept_apart():
@@ -182,9 +212,10 @@ def test_gate_and_up_scales_are_kept_apart():
     assert not torch.allclose(layer.w13_weight_scale_2[:, 0], layer.w13_weight_scale_2[:, 1])
     x = torch.randn(5, 32, device=DEV).bfloat16()
     topk = make_routing(5, 4, 2, False)
-    cfg = MoeTileConfig(16, tile(16, 32, 4, 2, 0), tile(16, 32, 4, 2, 1))
+    cfg = MoeTileConfig(16, tile(16, 64, 4, 2, 0), tile(16, 64, 4, 2, 1))
+    ref = reference(layer, x, topk, "nvfp4")
     out = run_triton(layer, x, topk, "nvfp4", cfg)
-    assert rel_err(out, reference(layer, x, topk, "nvfp4")) <= TOL
+    assert rel_err(out, ref) <= TOL
     layer.w13_weight_scale_2.data = layer.w13_weight_scale_2.data.flip(1).contiguous()
     swapped = run_triton(layer, x, topk, "nvfp4", cfg)
     assert rel_err(swapped, out) > 0.05
@@ -211,12 +242,13 @@ def test_real_shapes(weight_format, m):
     layer = make_moe_layer(128, 2816, 704, 8, weight_format)
     x = torch.randn(m, 2816, device="cuda").bfloat16()
     topk = make_routing(m, 128, 8, skewed=(m % 3 == 1))
-    _poison_allocator()
-    out = run_triton(layer, x, topk, weight_format)
     # The reference loops over experts in fp32; cap its cost by checking a row subset at large M.
     rows = torch.arange(m, device="cuda") if m <= 1024 else torch.randperm(m, device="cuda")[:512]
     sub = TopKOutput(topk.topk_weights[rows], topk.topk_ids[rows], topk.router_logits[rows])
-    assert rel_err(out[rows], reference(layer, x[rows], sub, weight_format)) <= TOL
+    ref = reference(layer, x[rows], sub, weight_format)
+    _poison_allocator()
+    out = run_triton(layer, x, topk, weight_format)
+    assert rel_err(out[rows], ref) <= TOL
 
 
 @gpu_only
@@ -229,9 +261,10 @@ def test_awkward_shapes(weight_format, num_experts, hidden, inter, m, top_k, ske
     layer = make_moe_layer(num_experts, hidden, inter, top_k, weight_format, "silu" if top_k == 4 else "gelu_pytorch_tanh")
     x = torch.randn(m, hidden, device="cuda").bfloat16()
     topk = make_routing(m, num_experts, top_k, skewed)
+    ref = reference(layer, x, topk, weight_format)
     _poison_allocator()
     out = run_triton(layer, x, topk, weight_format)
-    assert rel_err(out, reference(layer, x, topk, weight_format)) <= TOL
+    assert rel_err(out, ref) <= TOL
 
 
 @gpu_only
@@ -244,8 +277,9 @@ def test_forced_tiles(weight_format, swap, block_m):
     x = torch.randn(300, 512, device="cuda").bfloat16()
     topk = make_routing(300, 20, 4, True)
     cfg = MoeTileConfig(block_m, tile(64, 128, 4, 3, swap), tile(128, 64, 8, 3, swap))
+    ref = reference(layer, x, topk, weight_format)
     out = run_triton(layer, x, topk, weight_format, cfg)
-    assert rel_err(out, reference(layer, x, topk, weight_format)) <= TOL
+    assert rel_err(out, ref) <= TOL
 
 
 @gpu_only

@@ -16,6 +16,9 @@ from sglang.srt.layers.moe.fused_moe_triton.configs import GemmTile, MoeTileConf
 from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     ACT_GELU_TANH,
     ACT_SILU,
+    FP4_SCALE_BYTE,
+    FP4_SCALE_BIAS,
+    FP4_WORD_BITS,
     fp4_dequant_kernel,
     moe_align_kernel,
     moe_count_kernel,
@@ -47,18 +50,19 @@ class AlignedTokens:
 
 @dataclass
 class ExpertWeights:
-    """One layer's experts as the kernels read them. Scales are None for bf16 experts."""
+    """One layer's experts as the kernels read them. Scales are None for bf16 experts; NVFP4 experts
+    are in the kernels' repacked layout (`prepare_nvfp4_experts`)."""
 
-    w13: torch.Tensor  # [E, 2I, H] bf16 or [E, 2I, H/2] uint8
-    w2: torch.Tensor  # [E, H, I] bf16 or [E, H, I/2] uint8
-    w13_scale: torch.Tensor | None = None  # [E, 2I, H/16] float8_e4m3fn
-    w2_scale: torch.Tensor | None = None  # [E, H, I/16] float8_e4m3fn
+    w13: torch.Tensor  # [E, 2I, H] bf16 or [E, 2I, H/8] int32 code words
+    w2: torch.Tensor  # [E, H, I] bf16 or [E, H, I/8] int32 code words
+    w13_scale: torch.Tensor | None = None  # [E, 2I, ceil(H/64)] int32: 4 encoded block scales each
+    w2_scale: torch.Tensor | None = None  # [E, H, ceil(I/64)] int32
     w13_scale_2: torch.Tensor | None = None  # [E, 2] fp32 (gate, up)
     w2_scale_2: torch.Tensor | None = None  # [E] fp32
 
     @property
     def is_fp4(self) -> bool:
-        return self.w13.dtype == torch.uint8
+        return self.w13.dtype == torch.int32
 
     @property
     def num_experts(self) -> int:
@@ -71,6 +75,56 @@ class ExpertWeights:
     @property
     def hidden(self) -> int:
         return self.w2.shape[1]
+
+
+def _repack_fp4(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checkpoint uint8 [..., K/2] codes + e4m3 [..., K/16] scales -> int32 code words [..., K/8] +
+    int32 scale words [..., ceil(K/64)] (see kernels.py for both layouts)."""
+    f = scale.float()
+    if torch.isnan(f).any():
+        raise ValueError("NVFP4 block scales must not be NaN")
+    mag = f.abs()
+    bits = (mag * 2.0**117).to(torch.bfloat16).view(torch.int16).to(torch.int32) - FP4_SCALE_BIAS
+    zero = mag == 0
+    enc = torch.where(zero, 0, bits >> 4)
+    if bool(((bits & 15) != 0)[~zero].any()) or bool(((enc < 0) | (enc > 255)).any()):
+        raise AssertionError("block scale outside the e4m3 range")  # cannot happen for e4m3 inputs
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1, 16)
+    # A zero block scale zeroes its block whatever the codes; a negative one flips their signs.
+    codes = torch.where(zero[..., None], 0, codes ^ torch.where(f < 0, 8, 0).to(torch.uint8)[..., None])
+    codes = codes.reshape(*packed.shape[:-1], -1, 8).to(torch.int32)
+    words = torch.zeros(codes.shape[:-1], dtype=torch.int32, device=codes.device)
+    for j, positions in enumerate(FP4_WORD_BITS):
+        for b, pos in enumerate(positions):
+            words |= ((codes[..., j] >> b) & 1) << pos
+    pad = -enc.shape[-1] % 4
+    enc = torch.nn.functional.pad(enc.to(torch.uint8), (0, pad))
+    return words, enc.view(torch.int32)
+
+
+def prepare_nvfp4_experts(
+    w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor, w2_scale: torch.Tensor,
+    w13_scale_2: torch.Tensor, w2_scale_2: torch.Tensor,
+) -> ExpertWeights:  # fmt: skip
+    """Checkpoint-layout NVFP4 experts (see ModelOptNvFp4FusedMoEMethod) -> the kernels' layout (once,
+    at load; exact: decoding the result reproduces e2m1 * block scale bit for bit)."""
+    q13 = [_repack_fp4(w13[e], w13_scale[e]) for e in range(w13.shape[0])]
+    q2 = [_repack_fp4(w2[e], w2_scale[e]) for e in range(w2.shape[0])]
+    return ExpertWeights(
+        torch.stack([q[0] for q in q13]), torch.stack([q[0] for q in q2]),
+        torch.stack([q[1] for q in q13]), torch.stack([q[1] for q in q2]),
+        w13_scale_2.float().reshape(-1, 2).contiguous(), w2_scale_2.float().reshape(-1).contiguous(),
+    )  # fmt: skip
+
+
+_SCALE_BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _scale_byte_table(device: torch.device) -> torch.Tensor:
+    """The kernels' small uint8 table (see kernels._fp4_scale_selectors), one per device."""
+    if device not in _SCALE_BYTE_TABLES:
+        _SCALE_BYTE_TABLES[device] = torch.tensor(FP4_SCALE_BYTE, dtype=torch.uint8, device=device)
+    return _SCALE_BYTE_TABLES[device]
 
 
 def max_blocks_for(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -113,8 +167,16 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned
     return AlignedTokens(sorted_ids, block_expert, num_padded, max_blocks, block_m)
 
 
-def _launch_kwargs(t: GemmTile) -> dict:
-    return dict(BN=t.block_n, BK=t.block_k, SWAP_AB=t.swap_ab, num_warps=t.num_warps, num_stages=t.num_stages)
+def _launch_kwargs(t: GemmTile, w: ExpertWeights, block_m: int) -> dict:
+    swap_ab = t.swap_ab
+    if w.is_fp4:
+        if t.block_k % 64 or t.block_k > 8 * len(FP4_SCALE_BYTE):
+            raise ValueError(f"NVFP4 tiles need block_k a multiple of 64 and <= 512, got {t.block_k}")
+        # With block_m >= 64 tokens on the MMA's M side Triton picks wgmma, whose B operand must come
+        # from shared memory, and (Triton 3.6) fails to lay out the decoded tile there; with the
+        # weights on the M side (swap) the decoded tile is wgmma's A operand, which works.
+        swap_ab = swap_ab or block_m >= 64
+    return dict(BN=t.block_n, BK=t.block_k, SWAP_AB=swap_ab, num_warps=t.num_warps, num_stages=t.num_stages)
 
 
 def moe_gemm1(
@@ -131,12 +193,12 @@ def moe_gemm1(
     gs = w.w13_scale_2 if w.w13_scale_2 is not None else w.w13
     grid = (aligned.max_blocks * triton.cdiv(inter, t.block_n),)
     moe_gemm1_kernel[grid](
-        x, w.w13, scale, gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        x, w.w13, scale, _scale_byte_table(x.device), gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         x.shape[0] * top_k, top_k, inter, hidden,
         x.stride(0), w.w13.stride(0), w.w13.stride(1), scale.stride(0), scale.stride(1), h.stride(0),
         BM=aligned.block_m, W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act,
         HAS_GS=w.w13_scale_2 is not None,
-        **_launch_kwargs(t),
+        **_launch_kwargs(t, w, aligned.block_m),
     )  # fmt: skip
     return h
 
@@ -161,10 +223,10 @@ def moe_gemm2(
     topk_w = topk_weights.reshape(-1).float()
     grid = (aligned.max_blocks * triton.cdiv(hidden, t.block_n),)
     moe_gemm2_kernel[grid](
-        h, w.w2, scale, gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        h, w.w2, scale, _scale_byte_table(h.device), gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         topk_w.numel(), hidden, inter,
         h.stride(0), w.w2.stride(0), w.w2.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
-        BM=aligned.block_m, W_FP4=w.is_fp4, HAS_GS=w.w2_scale_2 is not None, **_launch_kwargs(t),
+        BM=aligned.block_m, W_FP4=w.is_fp4, HAS_GS=w.w2_scale_2 is not None, **_launch_kwargs(t, w, aligned.block_m),
     )  # fmt: skip
     return out
 
@@ -172,11 +234,11 @@ def moe_gemm2(
 def dequantize_fp4_experts(w: ExpertWeights) -> ExpertWeights:
     """bf16 copies of the codes times block scales (exact); global scales stay for the epilogue."""
 
-    def expand(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        rows, k = packed.shape[0] * packed.shape[1], packed.shape[2] * 2
-        out = torch.empty(packed.shape[0], packed.shape[1], k, dtype=torch.bfloat16, device=packed.device)
-        grid = (triton.cdiv(rows, 16), triton.cdiv(k // 2, 128))
-        fp4_dequant_kernel[grid](packed, scale, out, rows, k, BR=16, BB=128)
+    def expand(words: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        rows, k = words.shape[0] * words.shape[1], words.shape[2] * 8
+        out = torch.empty(words.shape[0], words.shape[1], k, dtype=torch.bfloat16, device=words.device)
+        grid = (triton.cdiv(rows, 16), triton.cdiv(k // 8, 32))
+        fp4_dequant_kernel[grid](words, scale, _scale_byte_table(words.device), out, rows, k, BR=16, BW=32)
         return out
 
     return ExpertWeights(

@@ -8,10 +8,23 @@ Data flow for one MoE layer (M tokens, top-k, E experts, hidden H, intermediate 
   3. `moe_gemm2_kernel`: per block, h @ down^T, times the down global scale and the routing weight,
      stored per (token, slot) pair; the caller sums over k (deterministic, no atomics on outputs).
 
-FP4 decoding: an E2M1 code `s e e m` becomes an fp16 bit pattern with the sign at bit 15 and `e e m`
-at bits 11..9, which is the E2M1 value times 2^-14 (the subnormal code 0.5 maps to an fp16 subnormal,
-which fp16->fp32 conversion keeps exactly). The 2^14 is folded into the block scale, so
-code * e4m3 scale is computed exactly in fp32 and is exact again in bf16 (<= 6 significant bits).
+MoE FP4 weights are repacked once at load time (`fused_moe.prepare_nvfp4_experts`):
+- codes: one int32 word per 8 consecutive K elements, the 32 bits permuted (FP4_WORD_BITS) so that
+  four cheap ops give four bf16x2 registers whose bf16 bit patterns are code * 2^-126: the E2M1
+  magnitude bits `e e m` sit at bf16 bits 8..6 (exponent LSBs, mantissa MSB) and the sign at bit 15,
+  so 0.5 is a bf16 subnormal and 1..6 are normal numbers, all exact;
+- block scales: one byte b per 16 elements with bf16 bits (16 b + 235 * 128) == scale * 2^117
+  (5 exponent + 3 mantissa bits: every e4m3 value from 2^-9 to 448 fits; zero-scale blocks have their
+  codes zeroed at load, negative scales flip the codes' signs), four per int32 word (group g in byte
+  g % 4 of word g // 4, rows padded to whole words) so that every scale load is a >= 32-bit access,
+  which Triton's pipeliner turns into cp.async like the code loads (byte loads it leaves synchronous).
+One bf16x2 multiply then gives code * scale * 2^-9 exactly (<= 6 significant bits); the GEMM epilogue
+multiplies the fp32 accumulator by global_scale * 2^9. On the GPU the decode is inline PTX (13
+instructions per 8 elements); the Triton interpreter (CPU CI) runs the same bit operations in Triton.
+Main K loops carry no K mask (so every tile load, block scales included, is a vectorised cp.async that
+Triton pipelines); a masked tail step handles K % BK.
+
+The dense kernel (`dense_w4a16_kernel`) reads the checkpoint layout as is (`_load_ckpt_fp4_tile`).
 """
 
 from __future__ import annotations
@@ -24,47 +37,186 @@ import triton.language as tl
 ACT_GELU_TANH = 0
 ACT_SILU = 1
 
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # Triton's CPU interpreter multiplies bf16 tiles as raw integer bits; feed it fp32 copies instead
 # (bf16 -> fp32 is exact, so the tested logic is unchanged).
-_DOT_IN_FP32 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_DOT_IN_FP32 = _INTERPRET
 
 # sqrt(2 / pi), for the tanh form of GELU.
 _GELU_C = tl.constexpr(0.7978845608028654)
 
+# FP4_WORD_BITS[j][b]: the bit of a repacked word holding bit b (0: mantissa, 1-2: exponent, 3: sign)
+# of the word's element j (K offset j within its 8). It is the layout that these four ops decode:
+#   r0 = w & MASK, r1 = rotl(w, 10) & MASK, r2 = rotl(w, 13) & MASK, r3 = ((w & 0x001B001B) * 4228) & MASK
+# with MASK = 0x81C081C0 (bf16 bits 8..6 and 15 of both halves); r_i holds elements 2i (low half)
+# and 2i + 1 (high half). The multiply copies the 8 bits of 0x001B001B to their places without carries.
+FP4_WORD_BITS = (
+    (6, 7, 8, 15), (22, 23, 24, 31), (28, 29, 30, 5), (12, 13, 14, 21),
+    (25, 26, 27, 2), (9, 10, 11, 18), (4, 0, 1, 3), (20, 16, 17, 19),
+)  # fmt: skip
+# bf16 bits of scale * 2^117 = 16 * encoded byte + FP4_SCALE_BIAS; the kernels' fp32 epilogue
+# multiplies by FP4_UNSCALE to undo the 2^-9 left in the decoded weights.
+FP4_SCALE_BIAS = 235 << 7
+# Host table read by `_fp4_scale_selectors` (length: the largest BK / 8 a kernel may use).
+FP4_SCALE_BYTE = tuple((w // 2) % 4 for w in range(64))
+_FP4_SCALE_BIAS = tl.constexpr(FP4_SCALE_BIAS)
+FP4_UNSCALE = tl.constexpr(512.0)
+
+# One code word, its scale word and a PRMT selector copying the word's scale byte to bytes 0 and 2
+# -> the word's 4 bf16x2 registers as 4 int32 ($0..$3; inputs $4 word, $5 scale word, $6 selector).
+# Elementwise in Triton's sense: each output depends on its own inputs only, whatever the layout.
+_FP4_DECODE_ASM = tl.constexpr("""
+{
+.reg .b32 s, r;
+prmt.b32 s, $5, 0, $6;
+mad.lo.u32 s, s, 16, 0x75807580;
+and.b32 r, $4, 0x81C081C0;
+mul.rn.bf16x2 $0, r, s;
+shf.l.wrap.b32 r, $4, $4, 10;
+and.b32 r, r, 0x81C081C0;
+mul.rn.bf16x2 $1, r, s;
+shf.l.wrap.b32 r, $4, $4, 13;
+and.b32 r, r, 0x81C081C0;
+mul.rn.bf16x2 $2, r, s;
+and.b32 r, $4, 0x001B001B;
+mul.lo.u32 r, r, 4228;
+and.b32 r, r, 0x81C081C0;
+mul.rn.bf16x2 $3, r, s;
+}
+""")
+
+
+@triton.jit
+def _bf16x2_times(r, scale):
+    """Interpreter mirror of `mul.rn.bf16x2 r, scale` (exact here): fp32 multiply, bf16 pair back."""
+    lo = ((r & 0xFFFF) << 16).to(tl.float32, bitcast=True) * scale  # code * 2^-126 * scale * 2^117
+    hi = (r & 0xFFFF0000).to(tl.float32, bitcast=True) * scale
+    lo = lo.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    hi = hi.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return (lo | (hi << 16)).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _fp4_decode_bits(w, sw, selector):
+    """The inline-PTX decode in Triton ops (interpreter path): the same four bf16x2 bit patterns."""
+    u = w.to(tl.uint32, bitcast=True)
+    mask = tl.full((), 0x81C081C0, tl.uint32)
+    s = (sw >> (8 * (selector & 0xF))) & 0xFF
+    scale = ((s.to(tl.uint32) * 16 + _FP4_SCALE_BIAS) << 16).to(tl.float32, bitcast=True)  # scale * 2^117
+    r0 = _bf16x2_times(u & mask, scale)
+    r1 = _bf16x2_times(((u << 10) | (u >> 22)) & mask, scale)
+    r2 = _bf16x2_times(((u << 13) | (u >> 19)) & mask, scale)
+    r3 = _bf16x2_times(((u & 0x001B001B) * 4228) & mask, scale)
+    return r0, r1, r2, r3
+
+
+@triton.jit
+def _halves(r):
+    return r.to(tl.int16).to(tl.bfloat16, bitcast=True), (r >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _fp4_decode(words, scale_words, selectors, BN: tl.constexpr, BK: tl.constexpr):
+    """Code words [BN, BK/8], each word's scale word [BN, BK/8] (int32, repacked layout) and the
+    selectors of `_fp4_scale_selectors` [BK/8] -> bf16 [BN, BK] = code * scale * 2^-9."""
+    if _INTERPRET:
+        r0, r1, r2, r3 = _fp4_decode_bits(words, scale_words, selectors[None, :])
+    else:
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(
+            _FP4_DECODE_ASM, "=r,=r,=r,=r,r,r,r", [words, scale_words, selectors[None, :]],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+        )  # fmt: skip
+    l0, h0 = _halves(r0)
+    l1, h1 = _halves(r1)
+    l2, h2 = _halves(r2)
+    l3, h3 = _halves(r3)
+    # Register i = 2 a + b holds elements 2i (low half) and 2i + 1: [BN, BK/8, a, b, half] is K order.
+    lo = tl.join(tl.join(l0, l2), tl.join(l1, l3))
+    hi = tl.join(tl.join(h0, h2), tl.join(h1, h3))
+    return tl.reshape(tl.join(lo, hi), (BN, BK))
+
+
+@triton.jit
+def _load_weight_tile(
+    w_rows, s_rows, selectors, k0, K, n_mask,
+    BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, MASK_K: tl.constexpr,
+):  # fmt: skip
+    """Rows [BN] of a weight [N, K] as a bf16 tile [BN, BK] starting at column k0.
+
+    FP4 (BK a multiple of 64): w_rows / s_rows point at each row's code words / scale words (int32,
+    repacked); selectors = `_fp4_scale_selectors`; the tile is scaled by 2^-9. Each code word loads
+    its own copy of its scale word (8 words share one; the copies stay in L1/shared memory), which
+    keeps the whole decode in the layout of the MMA operand. Without MASK_K the caller guarantees
+    k0 + BK <= K; masked columns read as zero.
+    """
+    if W_FP4:
+        offs_w = k0 // 8 + tl.arange(0, BK // 8)
+        offs_s = k0 // 64 + tl.arange(0, BK // 8) // 8
+        if MASK_K:
+            words = tl.load(w_rows + offs_w[None, :], mask=n_mask & (offs_w[None, :] < K // 8), other=0)
+            scales = tl.load(s_rows + offs_s[None, :], mask=n_mask & (offs_w[None, :] < K // 8), other=0)
+        else:
+            words = tl.load(w_rows + offs_w[None, :], mask=n_mask, other=0)
+            scales = tl.load(s_rows + offs_s[None, :], mask=n_mask, other=0)
+        w = _fp4_decode(words, scales, selectors, BN, BK)
+    else:
+        offs_k = k0 + tl.arange(0, BK)
+        if MASK_K:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask & (offs_k[None, :] < K), other=0.0)
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask, other=0.0)
+        w = w.to(tl.bfloat16)
+    return w
+
+
+@triton.jit
+def _fp4_scale_selectors(table_ptr, BK: tl.constexpr, W_FP4: tl.constexpr):
+    """PRMT selectors copying word w's scale byte, (w // 2) % 4 of its scale word, to bytes 0 and 2
+    (bytes 1 and 3 zero), for w < BK/8; computed once per program, outside the K loop.
+
+    The byte index is read from a small uint8 table (FP4_SCALE_BYTE) rather than computed from
+    tl.arange: Triton derives the MMA operand layout from the narrowest load feeding it, and this
+    8-bit load makes it give each thread whole code words (kWidth 8), so the decode lands in the MMA
+    registers without a pass through shared memory (an arange-derived index also blocks that)."""
+    if W_FP4:
+        byte = tl.load(table_ptr + tl.arange(0, BK // 8)).to(tl.int32)
+    else:
+        byte = tl.zeros((BK // 8,), tl.int32)
+    return byte * 0x0101 + 0x4040
+
+
+@triton.jit
+def _load_act_tile(a_rows, row_mask, k0, K, BK: tl.constexpr, MASK_K: tl.constexpr):
+    offs_k = k0 + tl.arange(0, BK)
+    if MASK_K:
+        a = tl.load(a_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+    else:
+        a = tl.load(a_rows + offs_k[None, :], mask=row_mask[:, None], other=0.0)
+    return a.to(tl.bfloat16)
+
 
 @triton.jit
 def _e2m1_times_2p14_inv(code):
-    """E2M1 codes (int32 in [0, 16)) -> fp32 value * 2^-14, exactly."""
+    """Checkpoint-layout E2M1 codes (int32 in [0, 16)) -> fp32 value * 2^-14, exactly: `s e e m`
+    becomes an fp16 pattern with the sign at bit 15 and `e e m` at bits 11..9."""
     bits = ((code & 0x7) << 9) | ((code & 0x8) << 12)
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _load_weight_tile(w_rows, s_rows, k0, K, n_mask, BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr):
-    """Rows [BN] of a weight [N, K] as a bf16 tile [BN, BK] starting at column k0.
-
-    w_rows / s_rows point at the start of each row (packed bytes / e4m3 block scales for FP4).
-    Columns past K (and rows masked out) read as zero.
-    """
-    if W_FP4:
-        offs_b = k0 // 2 + tl.arange(0, BK // 2)
-        packed = tl.load(w_rows + offs_b[None, :], mask=n_mask & (offs_b[None, :] < K // 2), other=0)
-        offs_s = k0 // 16 + tl.arange(0, BK // 16)
-        scale = tl.load(s_rows + offs_s[None, :], mask=n_mask & (offs_s[None, :] < K // 16), other=0.0)
-        scale = scale.to(tl.float32) * 16384.0
-        # One scale covers 16 elements = 8 packed bytes; broadcast it over its bytes. (Loading it
-        # once per byte instead, to share the packed tile's layout, measured 2x slower on H200.)
-        scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, BK // 16, 8)), (BN, BK // 2))
-        packed = packed.to(tl.int32)
-        lo = (_e2m1_times_2p14_inv(packed & 0xF) * scale).to(tl.bfloat16)
-        hi = (_e2m1_times_2p14_inv(packed >> 4) * scale).to(tl.bfloat16)
-        # Element 2i is the low nibble, 2i+1 the high one: interleave along K.
-        w = tl.reshape(tl.join(lo, hi), (BN, BK))
-    else:
-        offs_k = k0 + tl.arange(0, BK)
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask & (offs_k[None, :] < K), other=0.0)
-        w = w.to(tl.bfloat16)
-    return w
+def _load_ckpt_fp4_tile(w_rows, s_rows, k0, K, n_mask, BN: tl.constexpr, BK: tl.constexpr):
+    """Dense-kernel weight tile in the checkpoint layout (uint8 [N, K/2], e4m3 [N, K/16]) -> bf16 [BN, BK]."""
+    offs_b = k0 // 2 + tl.arange(0, BK // 2)
+    packed = tl.load(w_rows + offs_b[None, :], mask=n_mask & (offs_b[None, :] < K // 2), other=0)
+    offs_s = k0 // 16 + tl.arange(0, BK // 16)
+    scale = tl.load(s_rows + offs_s[None, :], mask=n_mask & (offs_s[None, :] < K // 16), other=0.0)
+    scale = scale.to(tl.float32) * 16384.0
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BN, BK // 16, 8)), (BN, BK // 2))
+    packed = packed.to(tl.int32)
+    lo = (_e2m1_times_2p14_inv(packed & 0xF) * scale).to(tl.bfloat16)
+    hi = (_e2m1_times_2p14_inv(packed >> 4) * scale).to(tl.bfloat16)
+    # Element 2i is the low nibble, 2i+1 the high one: interleave along K.
+    return tl.reshape(tl.join(lo, hi), (BN, BK))
 
 
 @triton.jit
@@ -170,10 +322,24 @@ def moe_align_kernel(
 
 
 @triton.jit
+def _gemm1_step(
+    acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k0, K, n_mask,
+    BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, SWAP_AB: tl.constexpr, MASK_K: tl.constexpr,
+):  # fmt: skip
+    a = _load_act_tile(a_rows, valid, k0, K, BK, MASK_K)
+    wg = _load_weight_tile(gate_w, gate_s, selectors, k0, K, n_mask, BN, BK, W_FP4, MASK_K)
+    acc_g = _mma(acc_g, a, wg, SWAP_AB)
+    wu = _load_weight_tile(up_w, up_s, selectors, k0, K, n_mask, BN, BK, W_FP4, MASK_K)
+    acc_u = _mma(acc_u, a, wu, SWAP_AB)
+    return acc_g, acc_u
+
+
+@triton.jit
 def moe_gemm1_kernel(
     x_ptr,
     w_ptr,
     s_ptr,
+    tbl_ptr,
     gs_ptr,
     h_ptr,
     sorted_ids_ptr,
@@ -200,7 +366,7 @@ def moe_gemm1_kernel(
 ):
     """h[slot, n] = act(gs_gate * x W_gate^T) * (gs_up * x W_up^T) for one [BM, BN] tile.
 
-    w: [E, 2N, K] (bf16) or [E, 2N, K/2] (packed FP4) with gate rows [0, N), up rows [N, 2N).
+    w: [E, 2N, K] (bf16) or [E, 2N, K/8] (FP4 words) with gate rows [0, N), up rows [N, 2N).
     FUSE_ACT=False instead stores the scaled gate and up as h[slot, n] and h[slot, N + n] (h is then
     [slots, 2N]) for a separate activation pass; kept to measure what the fusion saves.
     """
@@ -227,16 +393,23 @@ def moe_gemm1_kernel(
 
     acc_g = _zero_acc(BM, BN, SWAP_AB)
     acc_u = _zero_acc(BM, BN, SWAP_AB)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        a = tl.load(a_rows + offs_k[None, :], mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
-        a = a.to(tl.bfloat16)
-        wg = _load_weight_tile(gate_w, gate_s, k0, K, n_mask, BN, BK, W_FP4)
-        acc_g = _mma(acc_g, a, wg, SWAP_AB)
-        wu = _load_weight_tile(up_w, up_s, k0, K, n_mask, BN, BK, W_FP4)
-        acc_u = _mma(acc_u, a, wu, SWAP_AB)
+    selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
+    k_main = K - K % BK
+    for k0 in range(0, k_main, BK):
+        acc_g, acc_u = _gemm1_step(
+            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k0, K, n_mask,
+            BN, BK, W_FP4, SWAP_AB, False,
+        )
+    if k_main < K:
+        acc_g, acc_u = _gemm1_step(
+            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k_main, K, n_mask,
+            BN, BK, W_FP4, SWAP_AB, True,
+        )
     g = _finish_acc(acc_g, SWAP_AB)
     u = _finish_acc(acc_u, SWAP_AB)
+    if W_FP4:
+        g = g * FP4_UNSCALE
+        u = u * FP4_UNSCALE
     if HAS_GS:
         # Gate and up carry their own global scales; keep both exact in fp32.
         g = g * tl.load(gs_ptr + expert * 2)
@@ -251,10 +424,21 @@ def moe_gemm1_kernel(
 
 
 @triton.jit
+def _gemm2_step(
+    acc, a_rows, w_rows, s_rows, selectors, k0, K, n_mask, row_mask,
+    BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, SWAP_AB: tl.constexpr, MASK_K: tl.constexpr,
+):  # fmt: skip
+    a = _load_act_tile(a_rows, row_mask, k0, K, BK, MASK_K)
+    w = _load_weight_tile(w_rows, s_rows, selectors, k0, K, n_mask, BN, BK, W_FP4, MASK_K)
+    return _mma(acc, a, w, SWAP_AB)
+
+
+@triton.jit
 def moe_gemm2_kernel(
     h_ptr,
     w_ptr,
     s_ptr,
+    tbl_ptr,
     gs_ptr,
     topk_w_ptr,
     out_ptr,
@@ -296,14 +480,23 @@ def moe_gemm2_kernel(
     w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
     s_rows = s_ptr + expert * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
 
+    # Padding rows of h hold finite values (GEMM1 wrote them); loading them all keeps the loads unmasked.
+    all_rows = slots >= 0
+    selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
     acc = _zero_acc(BM, BN, SWAP_AB)
-    for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        a = tl.load(a_rows + offs_k[None, :], mask=offs_k[None, :] < K, other=0.0).to(tl.bfloat16)
-        w = _load_weight_tile(w_rows, s_rows, k0, K, n_mask, BN, BK, W_FP4)
-        acc = _mma(acc, a, w, SWAP_AB)
+    k_main = K - K % BK
+    for k0 in range(0, k_main, BK):
+        acc = _gemm2_step(
+            acc, a_rows, w_rows, s_rows, selectors, k0, K, n_mask, all_rows, BN, BK, W_FP4, SWAP_AB, False
+        )
+    if k_main < K:
+        acc = _gemm2_step(
+            acc, a_rows, w_rows, s_rows, selectors, k_main, K, n_mask, all_rows, BN, BK, W_FP4, SWAP_AB, True
+        )
     y = _finish_acc(acc, SWAP_AB)
     row_scale = tl.load(topk_w_ptr + pairs, mask=valid, other=0.0)
+    if W_FP4:
+        row_scale = row_scale * FP4_UNSCALE
     if HAS_GS:
         row_scale = row_scale * tl.load(gs_ptr + expert)
     y = y * row_scale[:, None]
@@ -331,7 +524,7 @@ def dense_w4a16_kernel(
     W_FP4: tl.constexpr,
     SWAP_AB: tl.constexpr,
 ):
-    """y = (x @ dequant(W)^T) * weight_scale_2 for a dense [N, K] weight (FP4 or bf16)."""
+    """y = (x @ dequant(W)^T) * weight_scale_2 for a dense [N, K] weight (FP4 in the checkpoint layout, or bf16)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     pid_m = pid // num_n
@@ -347,10 +540,12 @@ def dense_w4a16_kernel(
 
     acc = _zero_acc(BM, BN, SWAP_AB)
     for k0 in range(0, K, BK):
-        offs_k = k0 + tl.arange(0, BK)
-        a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _load_weight_tile(w_rows, s_rows, k0, K, n_mask, BN, BK, W_FP4)
-        acc = _mma(acc, a.to(tl.bfloat16), w, SWAP_AB)
+        a = _load_act_tile(a_rows, m_mask, k0, K, BK, True)
+        if W_FP4:
+            w = _load_ckpt_fp4_tile(w_rows, s_rows, k0, K, n_mask, BN, BK)
+        else:
+            w = _load_weight_tile(w_rows, s_rows, w_rows, k0, K, n_mask, BN, BK, False, True)
+        acc = _mma(acc, a, w, SWAP_AB)
     y = _finish_acc(acc, SWAP_AB)
     if W_FP4:
         y = y * tl.load(gs_ptr)
@@ -401,21 +596,19 @@ def moe_scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_pairs, CHUN
 
 
 @triton.jit
-def fp4_dequant_kernel(w_ptr, s_ptr, out_ptr, num_rows, K, BR: tl.constexpr, BB: tl.constexpr):
-    """out[r, :] = e2m1(codes) * block_scale in bf16 (exact), for rows [num_rows, K/2] of packed codes.
+def fp4_dequant_kernel(w_ptr, s_ptr, tbl_ptr, out_ptr, num_rows, K, BR: tl.constexpr, BW: tl.constexpr):
+    """out[r, :] = e2m1(codes) * block_scale in bf16 (exact) for repacked rows: code words
+    [num_rows, K/8], scale words [num_rows, ceil(K/64)]; BW (words per program) a multiple of 8.
 
     The global scale is left out on purpose: the GEMM epilogue applies it in fp32, as on the FP4 path.
     """
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    offs_b = tl.program_id(1) * BB + tl.arange(0, BB)
-    mask = (rows < num_rows)[:, None] & (offs_b < K // 2)[None, :]
+    offs_w = tl.program_id(1) * BW + tl.arange(0, BW)
     rows64 = rows.to(tl.int64)[:, None]
-    packed = tl.load(w_ptr + rows64 * (K // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
-    scale = tl.load(s_ptr + rows64 * (K // 16) + offs_b[None, :] // 8, mask=mask, other=0.0)
-    scale = scale.to(tl.float32) * 16384.0
-    lo = (_e2m1_times_2p14_inv(packed & 0xF) * scale).to(tl.bfloat16)
-    hi = (_e2m1_times_2p14_inv(packed >> 4) * scale).to(tl.bfloat16)
-    out = tl.reshape(tl.join(lo, hi), (BR, 2 * BB))
-    offs_k = 2 * tl.program_id(1) * BB + tl.arange(0, 2 * BB)
-    out_mask = (rows < num_rows)[:, None] & (offs_k < K)[None, :]
-    tl.store(out_ptr + rows64 * K + offs_k[None, :], out, mask=out_mask)
+    mask = (rows < num_rows)[:, None] & (offs_w < K // 8)[None, :]
+    words = tl.load(w_ptr + rows64 * (K // 8) + offs_w[None, :], mask=mask, other=0)
+    scales = tl.load(s_ptr + rows64 * ((K + 63) // 64) + offs_w[None, :] // 8, mask=mask, other=0)
+    out = _fp4_decode(words, scales, _fp4_scale_selectors(tbl_ptr, 8 * BW, True), BR, 8 * BW)
+    out = (out.to(tl.float32) * FP4_UNSCALE).to(tl.bfloat16)
+    offs_k = tl.program_id(1) * 8 * BW + tl.arange(0, 8 * BW)
+    tl.store(out_ptr + rows64 * K + offs_k[None, :], out, mask=(rows < num_rows)[:, None] & (offs_k < K)[None, :])

@@ -2,15 +2,16 @@
 
 Both run the same kernels (sglang.srt.layers.moe.fused_moe_triton): tokens sorted per expert, GEMM1
 over [gate; up] with act(gate) * up fused into its epilogue, GEMM2 with the routing weight, top-k sum.
-NVFP4 weights are dequantised in registers straight from the checkpoint layout, so loading needs no
-repacking; process_weights_after_loading only makes the tensors contiguous and the global scales fp32.
+NVFP4 experts are repacked once in process_weights_after_loading (`prepare_nvfp4_experts`: int32 code
+words in a bit order that decodes in a few instructions, re-encoded block scales); the layer's
+checkpoint-layout tensors are replaced, so no second copy stays alive.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, fused_experts
+from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, fused_experts, prepare_nvfp4_experts
 from sglang.srt.layers.moe.moe_runner.base import BF16, NVFP4, MoeRunner, register_moe_runner
 from sglang.srt.layers.moe.topk import TopKOutput
 
@@ -52,8 +53,15 @@ class TritonNvFp4MoeRunner(_TritonMoeRunnerBase):
     weight_format = NVFP4
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
-            _set_param(layer, name, getattr(layer, name).data.contiguous())
+        if not getattr(layer, "nvfp4_triton_layout", False):
+            w = prepare_nvfp4_experts(
+                layer.w13_weight.data, layer.w2_weight.data, layer.w13_weight_scale.data,
+                layer.w2_weight_scale.data, layer.w13_weight_scale_2.data, layer.w2_weight_scale_2.data,
+            )  # fmt: skip
+            for name, value in (("w13_weight", w.w13), ("w2_weight", w.w2), ("w13_weight_scale", w.w13_scale),
+                                ("w2_weight_scale", w.w2_scale)):  # fmt: skip
+                _set_param(layer, name, value)
+            layer.nvfp4_triton_layout = True
         _set_param(layer, "w13_weight_scale_2", layer.w13_weight_scale_2.data.float().reshape(-1, 2).contiguous())
         _set_param(layer, "w2_weight_scale_2", layer.w2_weight_scale_2.data.float().reshape(-1).contiguous())
 
