@@ -121,6 +121,11 @@ def main() -> None:
     print(f"\n{'kernel family':<62} {'us/step':>9} {'calls/step':>10} {'share':>6}")
     for name, us, calls in rows[: args.top]:
         print(f"{name:<62} {us:>9.1f} {calls:>10.1f} {us / max(gpu_us, 1e-9):>6.1%}")
+    # Host side: which Python-visible ops cost the most CPU time (launch overhead shows up here).
+    print(f"\n{'host op (self CPU time)':<62} {'us/step':>9} {'calls/step':>10}")
+    cpu_rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.top]
+    for evt in cpu_rows:
+        print(f"{evt.key[:62]:<62} {evt.self_cpu_time_total / args.steps:>9.1f} {evt.count / args.steps:>10.1f}")
 
 
 if __name__ == "__main__":

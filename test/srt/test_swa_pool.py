@@ -233,9 +233,13 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("swa") / "ck", "nvfp4-per-expert", seed=11)
 
 
+# The Triton backend needs a GPU or the interpreter (which conftest enables only without one).
+_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _runner(ckpt: Path, backend: str, hybrid: bool) -> ModelRunner:
     args = ServerArgs(
-        model_path=str(ckpt), dtype="float32", device="cpu", attention_backend=backend, max_total_tokens=512,
+        model_path=str(ckpt), dtype="float32", device=_DEVICE, attention_backend=backend, max_total_tokens=512,
         swa_full_tokens_ratio=0.125, disable_hybrid_swa_memory=not hybrid, max_running_requests=4,
     )  # fmt: skip
     return ModelRunner(args)
