@@ -8,7 +8,8 @@ Shapes: E=128, H=2816, I=704, top-8 (Gemma 4 26B-A4B), random weights, random ro
 Timing: each point captures R calls with R different routings (and inputs) in one CUDA graph and
 replays it (serving decodes under CUDA graphs; varying the routing keeps the touched experts from
 sitting in L2 between calls); median over replays, divided by R. Ceilings measured in the same run:
-device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul.
+device-to-device copy (bytes read + written; the faster of `copy_`, a cudaMemcpy, and an elementwise
+kernel, which streams through the SMs like the MoE kernels) and an 8192^3 bf16 matmul.
 Writes results JSON (and the tuned table) to $OUT or --out.
 """
 
@@ -20,6 +21,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -28,14 +30,15 @@ E, H, I, TOP_K = 128, 2816, 704, 8
 M_LIST = [1, 4, 16, 64, 256, 1024, 4096, 8192]
 ACT = "gelu_pytorch_tanh"
 ROUTINGS = 8  # calls per graph, each with its own routing
+UNFUSED_M = (1, 64, 1024, 8192)  # points where the separate-activation variant is timed too
 
 # Tile candidates (block_n, block_k, num_warps, num_stages, swap_ab) for the sweep. NVFP4 tiles need
 # block_k a multiple of 64; with block_m >= 64 they always run swapped (see fused_moe._launch_kwargs).
 SMALL_TILES = {
     "nvfp4": [
-        (32, 128, 4, 4, 0), (32, 256, 4, 3, 0), (32, 256, 4, 4, 0), (16, 256, 2, 4, 0), (16, 128, 2, 4, 0),
-        (64, 128, 4, 4, 0), (64, 128, 4, 3, 1), (64, 64, 4, 4, 1), (64, 64, 4, 4, 0), (128, 64, 4, 4, 1),
-        (32, 64, 4, 4, 0), (64, 256, 8, 3, 0),
+        (32, 128, 4, 4, 0), (32, 256, 4, 3, 0), (16, 256, 2, 4, 0), (16, 128, 2, 4, 0), (64, 128, 4, 4, 0),
+        (64, 64, 4, 4, 0), (64, 64, 4, 6, 0), (64, 64, 8, 4, 0), (128, 64, 8, 4, 0), (32, 64, 4, 4, 0),
+        (32, 128, 4, 6, 0), (64, 256, 8, 3, 0), (64, 64, 4, 4, 1),
     ],
     "bf16": [
         (32, 128, 4, 4, 0), (64, 128, 4, 4, 0), (64, 128, 4, 4, 1), (128, 128, 4, 3, 1), (16, 128, 4, 4, 0),
@@ -76,6 +79,7 @@ def make_weights(fmt: str, init: bool):
     """ExpertWeights at the real shapes (NVFP4 in the kernels' repacked layout); init=False leaves
     memory uninitialised (compile-only use)."""
     from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, prepare_nvfp4_experts
+    from sglang.srt.layers.moe.fused_moe_triton.kernels import FP4_BLOCK_WORDS
     from sglang.srt.layers.quantization.fp4_utils import quantize_nvfp4
 
     dev = "cuda"
@@ -86,10 +90,10 @@ def make_weights(fmt: str, init: bool):
         return ExpertWeights((torch.randn(E, 2 * I, H, device=dev) * 0.03).bfloat16(),
                              (torch.randn(E, H, I, device=dev) * 0.03).bfloat16())  # fmt: skip
     if not init:
-        i32 = torch.int32
+        i32, words = torch.int32, FP4_BLOCK_WORDS
         return ExpertWeights(
-            torch.empty(E, 2 * I, H // 8, dtype=i32, device=dev), torch.empty(E, H, I // 8, dtype=i32, device=dev),
-            torch.empty(E, 2 * I, -(-H // 64), dtype=i32, device=dev), torch.empty(E, H, -(-I // 64), dtype=i32, device=dev),
+            torch.empty(E, 2 * I // 16, -(-H // 64), words, dtype=i32, device=dev),
+            torch.empty(E, H // 16, -(-I // 64), words, dtype=i32, device=dev),
             torch.ones(E, 2, device=dev), torch.ones(E, device=dev),
         )  # fmt: skip
 
@@ -100,7 +104,8 @@ def make_weights(fmt: str, init: bool):
     pg, sg, gg = quant(I, H, 0.05)
     pu, su, gu = quant(I, H, 0.02)
     p2, s2, g2 = quant(H, I, 0.03)
-    checkpoint = ExpertWeights(torch.cat([pg, pu], 1), p2, torch.cat([sg, su], 1), s2, torch.stack([gg, gu], 1), g2)
+    checkpoint = SimpleNamespace(w13=torch.cat([pg, pu], 1), w2=p2, w13_scale=torch.cat([sg, su], 1), w2_scale=s2,
+                                 w13_scale_2=torch.stack([gg, gu], 1), w2_scale_2=g2)  # fmt: skip
     w = prepare_nvfp4_experts(checkpoint.w13, checkpoint.w2, checkpoint.w13_scale, checkpoint.w2_scale,
                               checkpoint.w13_scale_2, checkpoint.w2_scale_2)  # fmt: skip
     w.checkpoint = checkpoint  # the torch reference reads the checkpoint layout
@@ -180,13 +185,16 @@ def measure_ceilings() -> dict:
     n = 1 << 28  # fp32 elements: 1 GiB each way
     a = torch.randn(n, device="cuda")
     b = torch.empty_like(a)
-    t_copy = time_graph([lambda: b.copy_(a)] * 4)
+    t_memcpy = time_graph([lambda: b.copy_(a)] * 4)
+    t_kernel = time_graph([lambda: torch.mul(a, 1.0, out=b)] * 4)
+    t_copy = min(t_memcpy, t_kernel)
     n *= 4
     del a, b
     x = torch.randn(8192, 8192, device="cuda").bfloat16()
     y = torch.randn(8192, 8192, device="cuda").bfloat16()
     t_mm = time_graph([lambda: x @ y] * 4)
-    return {"copy_bw_Bps": 2 * n / t_copy, "bf16_mm_flops": 2 * 8192**3 / t_mm}
+    return {"copy_bw_Bps": 2 * n / t_copy, "memcpy_bw_Bps": 2 * n / t_memcpy, "kernel_copy_bw_Bps": 2 * n / t_kernel,
+            "bf16_mm_flops": 2 * 8192**3 / t_mm}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -232,13 +240,42 @@ def _compile_job(job: tuple) -> str:
         return f"fail {job}: {type(exc).__name__}: {str(exc)[:120]}"
 
 
-def precompile(workers: int, formats: list[str], m_list: list[int]) -> None:
-    jobs = _jobs(formats, m_list)
+def _compile_layer_job(job: tuple) -> str:
+    """Run the configured layer path once (fused and unfused activation, and for NVFP4 at M >= 1024
+    both the in-loop and the expand-to-bf16 path) on uninitialised data: fills Triton's disk cache."""
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
+
+    fmt, m = job
+    if fmt not in _WORKER_STATE:
+        _WORKER_STATE.clear()
+        _WORKER_STATE[fmt] = make_weights(fmt, init=False)
+    w = _WORKER_STATE[fmt]
+    x = torch.randn(m, H, device="cuda").bfloat16()
+    ids = torch.randint(0, E, (m, TOP_K), dtype=torch.int32, device="cuda")
+    topk_w = torch.rand(m, TOP_K, device="cuda")
+    try:
+        fm.fused_experts(x, w, topk_w, ids, ACT)
+        if m in UNFUSED_M:
+            fm.fused_experts(x, w, topk_w, ids, ACT, fuse_act=False)
+        if fmt == "nvfp4" and m >= 1024:
+            saved = fm.FP4_DEQUANT_MIN_TOKENS
+            fm.FP4_DEQUANT_MIN_TOKENS = 1 << 30 if m >= saved else 1
+            fm.fused_experts(x, w, topk_w, ids, ACT)
+            fm.FP4_DEQUANT_MIN_TOKENS = saved
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:
+        return f"fail {job}: {type(exc).__name__}: {str(exc)[:120]}"
+
+
+def precompile(workers: int, formats: list[str], m_list: list[int], tune: bool) -> None:
+    jobs = _jobs(formats, m_list) if tune else [(fmt, m) for fmt in formats for m in m_list]
     # Group by format so each worker holds one weight set at a time.
     jobs.sort(key=lambda j: j[0])
     t0 = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
-        fails = [r for r in pool.imap_unordered(_compile_job, jobs, chunksize=4) if r != "ok"]
+        fn = _compile_job if tune else _compile_layer_job
+        fails = [r for r in pool.imap_unordered(fn, jobs, chunksize=4 if tune else 1) if r != "ok"]
     print(f"precompiled {len(jobs)} variants in {time.time() - t0:.0f}s with {workers} workers; {len(fails)} failed")
     for f in fails[:10]:
         print("  ", f)
@@ -321,10 +358,11 @@ def main() -> None:
 
     card = torch.cuda.get_device_name()
     print(f"card: {card}  triton {__import__('triton').__version__}  torch {torch.__version__}")
-    if args.tune:
-        precompile(args.workers, args.formats, args.m)
+    if args.workers > 1:
+        precompile(args.workers, args.formats, args.m, args.tune)
     ceil = measure_ceilings()
-    print(f"copy {ceil['copy_bw_Bps'] / 1e12:.2f} TB/s   bf16 matmul {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")
+    print(f"copy {ceil['copy_bw_Bps'] / 1e12:.2f} TB/s (memcpy {ceil['memcpy_bw_Bps'] / 1e12:.2f}, kernel "
+          f"{ceil['kernel_copy_bw_Bps'] / 1e12:.2f})   bf16 matmul {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")  # fmt: skip
 
     results = {"card": card, "device_key": device_key(), "ceilings": ceil, "shape": [E, H, I, TOP_K], "points": []}
     tuned = {}
@@ -339,7 +377,9 @@ def main() -> None:
                 results.setdefault("sweeps", {})[f"{fmt}/{m}"] = log
             else:
                 cfg = get_moe_config(m, E, H, I, TOP_K, fmt)
-            t = bench_layer(fmt, w, m, routings, cfg)
+            # NVFP4 from FP4_DEQUANT_MIN_TOKENS on: experts expanded to bf16, bf16 kernels with their tiles.
+            dequant = fmt == "nvfp4" and m >= fm.FP4_DEQUANT_MIN_TOKENS
+            t = bench_layer(fmt, w, m, routings, None if dequant else cfg)
             touched = statistics.mean(len(torch.unique(r.topk_ids)) for _, r in routings)
             nbytes = touched * expert_bytes(fmt)
             flops = 2 * 3 * m * TOP_K * I * H
@@ -348,17 +388,16 @@ def main() -> None:
                 "eff_bw_Bps": nbytes / t, "bw_ratio": nbytes / t / ceil["copy_bw_Bps"],
                 "floor_ratio": t / (nbytes / ceil["copy_bw_Bps"]), "tflops": flops / t / 1e12,
                 "mm_ratio": flops / t / ceil["bf16_mm_flops"],
-                "config": [cfg.block_m, cfg.gemm1.as_tuple(), cfg.gemm2.as_tuple()],
+                "config": "bf16 table" if dequant else [cfg.block_m, cfg.gemm1.as_tuple(), cfg.gemm2.as_tuple()],
             }  # fmt: skip
-            if m in (1, 64, 1024, 8192):
-                point["unfused_act_us"] = bench_layer(fmt, w, m, routings, cfg, fuse_act=False) * 1e6
+            if m in UNFUSED_M:
+                point["unfused_act_us"] = bench_layer(fmt, w, m, routings, None if dequant else cfg, fuse_act=False) * 1e6
             if fmt == "nvfp4" and m >= 1024:
                 # The other side of FP4_DEQUANT_MIN_TOKENS: experts expanded to bf16 first vs decoded in the loop.
-                point["fp4_path"] = "dequant" if m >= fm.FP4_DEQUANT_MIN_TOKENS else "in-loop"
-                other = 1 << 30 if m >= fm.FP4_DEQUANT_MIN_TOKENS else 1
+                point["fp4_path"] = "dequant" if dequant else "in-loop"
+                other = 1 << 30 if dequant else 1
                 saved, fm.FP4_DEQUANT_MIN_TOKENS = fm.FP4_DEQUANT_MIN_TOKENS, other
-                bf_cfg = get_moe_config(m, E, H, I, TOP_K, "bf16") if other == 1 else cfg
-                point["other_path_us"] = bench_layer(fmt, w, m, routings, bf_cfg) * 1e6
+                point["other_path_us"] = bench_layer(fmt, w, m, routings, cfg if dequant else None) * 1e6
                 fm.FP4_DEQUANT_MIN_TOKENS = saved
             if m <= args.ref_max_m:
                 point["torch_ref_us"] = torch_reference_time(fmt, w, m, routings) * 1e6

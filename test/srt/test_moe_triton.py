@@ -179,7 +179,7 @@ def test_fp4_expansion_is_exact():
 
     layer = make_moe_layer(3, 64, 48, 2, "nvfp4")
     w = _prepare(layer)
-    expanded = dequantize_fp4_experts(w)
+    expanded = dequantize_fp4_experts(w, 64)
     want = dequantize_nvfp4(layer.w2_weight.cpu(), layer.w2_weight_scale.cpu(), 1.0)
     assert torch.equal(expanded.w2.float().cpu(), want)
     assert torch.equal(expanded.w13_scale_2, w.w13_scale_2)
@@ -189,9 +189,9 @@ def test_fp4_decode_every_code_and_scale():
     """The kernels' decode (inline PTX on the GPU, its Triton mirror on the CPU) against the exact
     dequantisation, for all 16 codes at every position of a word, times every non-NaN e4m3 scale
     (subnormal, zero and negative ones included)."""
-    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, dequantize_fp4_experts
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import dequantize_fp4_experts
 
-    scale_bytes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    scale_bytes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F] + [0x38, 0x01], dtype=torch.uint8)
     rows = len(scale_bytes)
     t = torch.arange(256)
     codes = ((t % 16 + t // 16) % 16).to(torch.uint8).expand(rows, 256)  # block b: codes shifted by b
@@ -201,9 +201,9 @@ def test_fp4_decode_every_code_and_scale():
     w = _prepare(SimpleNamespace(w13_weight=packed[None].to(DEV), w2_weight=packed[None].to(DEV),
                                  w13_weight_scale=scales[None].to(DEV), w2_weight_scale=scales[None].to(DEV),
                                  w13_weight_scale_2=ones.to(DEV), w2_weight_scale_2=ones[:, 0].to(DEV)))  # fmt: skip
-    got = dequantize_fp4_experts(ExpertWeights(w.w13, w.w2, w.w13_scale, w.w2_scale))
+    got = dequantize_fp4_experts(w, 256)
     want = dequantize_nvfp4(packed, scales, 1.0)
-    assert torch.equal(got.w2[0].float().cpu(), want)
+    assert torch.equal(got.w13[0].float().cpu(), want)
 
 
 def test_gate_and_up_scales_are_kept_apart():

@@ -41,8 +41,13 @@ def tile(block_n: int, block_k: int, num_warps: int, num_stages: int, swap_ab: i
 def default_moe_config(num_tokens: int, num_experts: int, top_k: int, weight_format: str) -> MoeTileConfig:
     """Heuristic: block_m follows the mean tokens per expert; small batches use narrow N tiles so that
     enough programs stream weights concurrently (the regime is memory-bound), large ones use
-    128-wide tiles for tensor-core efficiency."""
+    128-wide tiles for tensor-core efficiency. NVFP4: the H200 sweep's shape-independent favourite,
+    64x64 tiles (decoded straight into mma.sync registers below 64 tokens a block, swapped above)."""
     per_expert = num_tokens * top_k / max(num_experts, 1)
+    if weight_format == "nvfp4":
+        if per_expert <= 48:
+            return MoeTileConfig(16 if per_expert <= 16 else 32, tile(64, 64, 4, 4, 0), tile(64, 64, 4, 4, 0))
+        return MoeTileConfig(128, tile(64, 64, 4, 4, 1), tile(64, 64, 4, 3, 1))
     if per_expert <= 16:
         return MoeTileConfig(16, tile(32, 128, 4, 4, 1), tile(64, 128, 4, 4, 1))
     if per_expert <= 48:
@@ -59,27 +64,29 @@ def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeT
 # (card, weight format, E, H, I, top_k) -> [(largest M in bucket, config), ...] ascending in M.
 # Gemma 4 26B-A4B on H200: the fastest of the sweep in `bench_moe_nvfp4.py --tune`, measured
 # 2026-11-28 at M = 1, 4, 16, 64, 256, 1024, 4096, 8192 (each bucket reaches halfway to the next).
-# No H100 sweep was run yet: H100 uses default_moe_config.
+# NVFP4 from FP4_DEQUANT_MIN_TOKENS (4096) on runs the bf16 kernels on expanded experts (bf16 rows);
+# its rows here are the in-loop decode's best, used only if that threshold is raised.
+# No H100 sweep was run: H100 uses default_moe_config.
 TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
     ("H200", "nvfp4", 128, 2816, 704, 8): _bucketed([
-        (2, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (8, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (32, 16, (64, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (128, 16, (64, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (512, 32, (64, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (2048, 64, (64, 64, 4, 3, 0), (64, 64, 4, 3, 0)),
-        (6144, 128, (64, 64, 4, 3, 0), (128, 64, 8, 3, 0)),
-        (1 << 30, 128, (64, 64, 4, 3, 0), (128, 64, 8, 3, 0)),
+        (2, 16, (64, 128, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (8, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (32, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (128, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (512, 32, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (2048, 32, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (6144, 128, (64, 64, 4, 4, 1), (64, 64, 4, 3, 1)),
+        (1 << 30, 128, (64, 64, 4, 4, 1), (64, 64, 4, 3, 1)),
     ]),
     ("H200", "bf16", 128, 2816, 704, 8): _bucketed([
-        (2, 16, (64, 128, 4, 4, 1), (128, 128, 4, 3, 1)),
-        (8, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (32, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (128, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 1)),
-        (512, 32, (128, 128, 4, 3, 1), (64, 128, 4, 4, 1)),
-        (2048, 64, (64, 64, 4, 3, 0), (128, 64, 8, 3, 0)),
-        (6144, 128, (64, 64, 4, 3, 0), (256, 64, 8, 3, 0)),
-        (1 << 30, 128, (128, 64, 8, 4, 1), (128, 64, 8, 3, 0)),
+        (2, 16, (64, 128, 4, 4, 1), (64, 128, 4, 4, 0)),
+        (8, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 0)),
+        (32, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 0)),
+        (128, 16, (128, 128, 4, 3, 1), (64, 128, 4, 4, 0)),
+        (512, 32, (128, 128, 4, 3, 1), (64, 128, 4, 4, 0)),
+        (2048, 64, (128, 64, 4, 4, 0), (128, 64, 4, 4, 0)),
+        (6144, 128, (128, 64, 8, 4, 1), (256, 64, 8, 3, 0)),
+        (1 << 30, 128, (128, 64, 8, 3, 0), (256, 64, 8, 3, 0)),
     ]),
 }  # fmt: skip
 

@@ -16,8 +16,9 @@ from sglang.srt.layers.moe.fused_moe_triton.configs import GemmTile, MoeTileConf
 from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     ACT_GELU_TANH,
     ACT_SILU,
-    FP4_SCALE_BYTE,
+    FP4_BLOCK_ROWS,
     FP4_SCALE_BIAS,
+    FP4_SCALE_BYTE,
     FP4_WORD_BITS,
     fp4_dequant_kernel,
     moe_align_kernel,
@@ -30,7 +31,8 @@ from sglang.srt.layers.moe.fused_moe_triton.kernels import (
 
 # From this many tokens on, NVFP4 experts are expanded to bf16 once per call and run through the
 # bf16 kernels: every expert is touched and in-loop decoding costs more than the expansion
-# (H200, 2026-11-28: 1711 vs 1989 us at M=4096, 2525 vs 3467 us at 8192; slower at 1024).
+# (H200, 2026-11-28, blocked layout: 1569 vs 1615 us at M=4096, 2549 vs 2833 us at 8192; at
+# M=1024 the expansion loses, 1059 vs 683 us).
 FP4_DEQUANT_MIN_TOKENS = int(os.environ.get("SGLANG_MOE_FP4_DEQUANT_MIN_TOKENS", "4096"))
 
 # Above this many (token, slot) pairs the one-program align kernel is slower than three launches.
@@ -50,14 +52,12 @@ class AlignedTokens:
 
 @dataclass
 class ExpertWeights:
-    """One layer's experts as the kernels read them. Scales are None for bf16 experts; NVFP4 experts
-    are in the kernels' repacked layout (`prepare_nvfp4_experts`)."""
+    """One layer's experts as the kernels read them: bf16, or NVFP4 in the kernels' blocked layout
+    (`prepare_nvfp4_experts`; block scales inside the blocks, global scales here)."""
 
-    w13: torch.Tensor  # [E, 2I, H] bf16 or [E, 2I, H/8] int32 code words
-    w2: torch.Tensor  # [E, H, I] bf16 or [E, H, I/8] int32 code words
-    w13_scale: torch.Tensor | None = None  # [E, 2I, ceil(H/64)] int32: 4 encoded block scales each
-    w2_scale: torch.Tensor | None = None  # [E, H, ceil(I/64)] int32
-    w13_scale_2: torch.Tensor | None = None  # [E, 2] fp32 (gate, up)
+    w13: torch.Tensor  # [E, 2I, H] bf16, or int32 blocks [E, 2I/16, ceil(H/64), 144]
+    w2: torch.Tensor  # [E, H, I] bf16, or int32 blocks [E, H/16, ceil(I/64), 144]
+    w13_scale_2: torch.Tensor | None = None  # [E, 2] fp32 (gate, up); None for bf16 experts
     w2_scale_2: torch.Tensor | None = None  # [E] fp32
 
     @property
@@ -70,16 +70,19 @@ class ExpertWeights:
 
     @property
     def inter(self) -> int:
-        return self.w13.shape[1] // 2
+        return self.w13.shape[1] * (FP4_BLOCK_ROWS if self.is_fp4 else 1) // 2
 
     @property
     def hidden(self) -> int:
-        return self.w2.shape[1]
+        return self.w2.shape[1] * (FP4_BLOCK_ROWS if self.is_fp4 else 1)
 
 
-def _repack_fp4(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checkpoint uint8 [..., K/2] codes + e4m3 [..., K/16] scales -> int32 code words [..., K/8] +
-    int32 scale words [..., ceil(K/64)] (see kernels.py for both layouts)."""
+def _repack_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One expert's checkpoint uint8 [N, K/2] codes + e4m3 [N, K/16] scales -> int32 blocks
+    [N/16, ceil(K/64), 144] (layout in kernels.py's docstring; K padded with zero codes)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if n % FP4_BLOCK_ROWS or k % 16:
+        raise ValueError(f"NVFP4 expert weights need rows % {FP4_BLOCK_ROWS} == 0 and K % 16 == 0, got {n}x{k}")
     f = scale.float()
     if torch.isnan(f).any():
         raise ValueError("NVFP4 block scales must not be NaN")
@@ -89,17 +92,20 @@ def _repack_fp4(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor
     enc = torch.where(zero, 0, bits >> 4)
     if bool(((bits & 15) != 0)[~zero].any()) or bool(((enc < 0) | (enc > 255)).any()):
         raise AssertionError("block scale outside the e4m3 range")  # cannot happen for e4m3 inputs
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1, 16)
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(n, k // 16, 16)
     # A zero block scale zeroes its block whatever the codes; a negative one flips their signs.
     codes = torch.where(zero[..., None], 0, codes ^ torch.where(f < 0, 8, 0).to(torch.uint8)[..., None])
-    codes = codes.reshape(*packed.shape[:-1], -1, 8).to(torch.int32)
+    pad = -k % 64
+    codes = torch.nn.functional.pad(codes.reshape(n, k), (0, pad)).reshape(n, -1, 8).to(torch.int32)
     words = torch.zeros(codes.shape[:-1], dtype=torch.int32, device=codes.device)
     for j, positions in enumerate(FP4_WORD_BITS):
         for b, pos in enumerate(positions):
             words |= ((codes[..., j] >> b) & 1) << pos
-    pad = -enc.shape[-1] % 4
-    enc = torch.nn.functional.pad(enc.to(torch.uint8), (0, pad))
-    return words, enc.view(torch.int32)
+    scale_words = torch.nn.functional.pad(enc.to(torch.uint8), (0, pad // 16)).view(torch.int32)  # [N, K/64]
+    groups, chunks = n // FP4_BLOCK_ROWS, words.shape[1] // 8
+    words = words.reshape(groups, FP4_BLOCK_ROWS, chunks, 8).transpose(1, 2).reshape(groups, chunks, -1)
+    scale_words = scale_words.reshape(groups, FP4_BLOCK_ROWS, chunks).transpose(1, 2)
+    return torch.cat([words, scale_words], dim=-1).contiguous()  # [groups, chunks, 16 * 8 + 16]
 
 
 def prepare_nvfp4_experts(
@@ -108,11 +114,9 @@ def prepare_nvfp4_experts(
 ) -> ExpertWeights:  # fmt: skip
     """Checkpoint-layout NVFP4 experts (see ModelOptNvFp4FusedMoEMethod) -> the kernels' layout (once,
     at load; exact: decoding the result reproduces e2m1 * block scale bit for bit)."""
-    q13 = [_repack_fp4(w13[e], w13_scale[e]) for e in range(w13.shape[0])]
-    q2 = [_repack_fp4(w2[e], w2_scale[e]) for e in range(w2.shape[0])]
     return ExpertWeights(
-        torch.stack([q[0] for q in q13]), torch.stack([q[0] for q in q2]),
-        torch.stack([q[1] for q in q13]), torch.stack([q[1] for q in q2]),
+        torch.stack([_repack_fp4(w13[e], w13_scale[e]) for e in range(w13.shape[0])]),
+        torch.stack([_repack_fp4(w2[e], w2_scale[e]) for e in range(w2.shape[0])]),
         w13_scale_2.float().reshape(-1, 2).contiguous(), w2_scale_2.float().reshape(-1).contiguous(),
     )  # fmt: skip
 
@@ -189,13 +193,12 @@ def moe_gemm1(
     inter, hidden = w.inter, x.shape[1]
     width = inter if fuse_act else 2 * inter
     h = torch.empty(aligned.max_blocks * aligned.block_m, width, dtype=torch.bfloat16, device=x.device)
-    scale = w.w13_scale if w.is_fp4 else w.w13
     gs = w.w13_scale_2 if w.w13_scale_2 is not None else w.w13
     grid = (aligned.max_blocks * triton.cdiv(inter, t.block_n),)
     moe_gemm1_kernel[grid](
-        x, w.w13, scale, _scale_byte_table(x.device), gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        x, w.w13, _scale_byte_table(x.device), gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         x.shape[0] * top_k, top_k, inter, hidden,
-        x.stride(0), w.w13.stride(0), w.w13.stride(1), scale.stride(0), scale.stride(1), h.stride(0),
+        x.stride(0), w.w13.stride(0), w.w13.stride(1), h.stride(0),
         BM=aligned.block_m, W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act,
         HAS_GS=w.w13_scale_2 is not None,
         **_launch_kwargs(t, w, aligned.block_m),
@@ -218,32 +221,31 @@ def moe_gemm2(
 ) -> torch.Tensor:  # fmt: skip
     """out [pairs, H] = routing weight * gs_down * (h W_down^T), one row per (token, slot) pair."""
     hidden, inter = w.hidden, w.inter
-    scale = w.w2_scale if w.is_fp4 else w.w2
     gs = w.w2_scale_2 if w.w2_scale_2 is not None else w.w2
     topk_w = topk_weights.reshape(-1).float()
     grid = (aligned.max_blocks * triton.cdiv(hidden, t.block_n),)
     moe_gemm2_kernel[grid](
-        h, w.w2, scale, _scale_byte_table(h.device), gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        h, w.w2, _scale_byte_table(h.device), gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         topk_w.numel(), hidden, inter,
-        h.stride(0), w.w2.stride(0), w.w2.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
+        h.stride(0), w.w2.stride(0), w.w2.stride(1), out.stride(0),
         BM=aligned.block_m, W_FP4=w.is_fp4, HAS_GS=w.w2_scale_2 is not None, **_launch_kwargs(t, w, aligned.block_m),
     )  # fmt: skip
     return out
 
 
-def dequantize_fp4_experts(w: ExpertWeights) -> ExpertWeights:
+def dequantize_fp4_experts(w: ExpertWeights, hidden: int) -> ExpertWeights:
     """bf16 copies of the codes times block scales (exact); global scales stay for the epilogue."""
 
-    def expand(words: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        rows, k = words.shape[0] * words.shape[1], words.shape[2] * 8
-        out = torch.empty(words.shape[0], words.shape[1], k, dtype=torch.bfloat16, device=words.device)
-        grid = (triton.cdiv(rows, 16), triton.cdiv(k // 8, 32))
-        fp4_dequant_kernel[grid](words, scale, _scale_byte_table(words.device), out, rows, k, BR=16, BW=32)
+    def expand(blocks: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        out = torch.empty(blocks.shape[0], n, k, dtype=torch.bfloat16, device=blocks.device)
+        rows = blocks.shape[0] * n
+        grid = (triton.cdiv(rows, 16), triton.cdiv(k, 256))
+        fp4_dequant_kernel[grid](
+            blocks, _scale_byte_table(blocks.device), out, rows, n, k, blocks.stride(0), blocks.stride(1), BR=16, BW=32
+        )
         return out
 
-    return ExpertWeights(
-        expand(w.w13, w.w13_scale), expand(w.w2, w.w2_scale), w13_scale_2=w.w13_scale_2, w2_scale_2=w.w2_scale_2
-    )
+    return ExpertWeights(expand(w.w13, 2 * w.inter, hidden), expand(w.w2, w.hidden, w.inter), w.w13_scale_2, w.w2_scale_2)
 
 
 def fused_experts(
@@ -262,7 +264,7 @@ def fused_experts(
         raise ValueError(f"unsupported MoE activation {activation!r}; supported: {sorted(_ACTIVATIONS)}")
     num_tokens, top_k = topk_ids.shape
     if w.is_fp4 and num_tokens >= FP4_DEQUANT_MIN_TOKENS:
-        w = dequantize_fp4_experts(w)
+        w = dequantize_fp4_experts(w, x.shape[1])
     if config is None:
         fmt = "nvfp4" if w.is_fp4 else "bf16"
         config = get_moe_config(num_tokens, w.num_experts, w.hidden, w.inter, top_k, fmt)

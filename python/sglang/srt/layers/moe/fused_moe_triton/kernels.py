@@ -15,14 +15,17 @@ MoE FP4 weights are repacked once at load time (`fused_moe.prepare_nvfp4_experts
   so 0.5 is a bf16 subnormal and 1..6 are normal numbers, all exact;
 - block scales: one byte b per 16 elements with bf16 bits (16 b + 235 * 128) == scale * 2^117
   (5 exponent + 3 mantissa bits: every e4m3 value from 2^-9 to 448 fits; zero-scale blocks have their
-  codes zeroed at load, negative scales flip the codes' signs), four per int32 word (group g in byte
-  g % 4 of word g // 4, rows padded to whole words) so that every scale load is a >= 32-bit access,
-  which Triton's pipeliner turns into cp.async like the code loads (byte loads it leaves synchronous).
-One bf16x2 multiply then gives code * scale * 2^-9 exactly (<= 6 significant bits); the GEMM epilogue
-multiplies the fp32 accumulator by global_scale * 2^9. On the GPU the decode is inline PTX (13
-instructions per 8 elements); the Triton interpreter (CPU CI) runs the same bit operations in Triton.
-Main K loops carry no K mask (so every tile load, block scales included, is a vectorised cp.async that
-Triton pipelines); a masked tail step handles K % BK.
+  codes zeroed at load, negative scales flip the codes' signs), four per int32 scale word. One
+  bf16x2 multiply then gives code * scale * 2^-9 exactly (<= 6 significant bits); the GEMM epilogue
+  multiplies the fp32 accumulator by global_scale * 2^9;
+- blocks: each group of 16 rows x 64 K elements is one contiguous 576-byte block of 144 words (the 16
+  rows' 8 code words, row-major, then their 16 scale words), blocks ordered [row group][K chunk]
+  (K padded to a multiple of 64). A tile step thus reads a few contiguous runs of 576 * BK/64 bytes,
+  codes and scales together, instead of BK/2 bytes from each of BN rows.
+On the GPU the decode is inline PTX (14 instructions per 8 weights); the Triton interpreter (CPU CI)
+runs the same bit operations as Triton code. Every load is >= 32 bits wide and the main K loops carry
+no K mask, so Triton pipelines all tile loads as cp.async (it leaves narrower loads synchronous); a
+masked tail step handles K % BK.
 
 The dense kernel (`dense_w4a16_kernel`) reads the checkpoint layout as is (`_load_ckpt_fp4_tile`).
 """
@@ -57,10 +60,13 @@ FP4_WORD_BITS = (
 # bf16 bits of scale * 2^117 = 16 * encoded byte + FP4_SCALE_BIAS; the kernels' fp32 epilogue
 # multiplies by FP4_UNSCALE to undo the 2^-9 left in the decoded weights.
 FP4_SCALE_BIAS = 235 << 7
-# Host table read by `_fp4_scale_selectors` (length: the largest BK / 8 a kernel may use).
-FP4_SCALE_BYTE = tuple((w // 2) % 4 for w in range(64))
 _FP4_SCALE_BIAS = tl.constexpr(FP4_SCALE_BIAS)
 FP4_UNSCALE = tl.constexpr(512.0)
+# Block of 16 rows x 64 K elements: 16 * 8 code words (offset 8 r + j), then 16 scale words (128 + r).
+FP4_BLOCK_ROWS = 16
+FP4_BLOCK_WORDS = 144
+# Host table read by `_fp4_scale_selectors` (length: the largest BK / 8 a kernel may use).
+FP4_SCALE_BYTE = tuple((w // 2) % 4 for w in range(64))
 
 # One code word, its scale word and a PRMT selector copying the word's scale byte to bytes 0 and 2
 # -> the word's 4 bf16x2 registers as 4 int32 ($0..$3; inputs $4 word, $5 scale word, $6 selector).
@@ -137,27 +143,42 @@ def _fp4_decode(words, scale_words, selectors, BN: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
+def _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4: tl.constexpr):
+    """Per-row base pointers [BN, 1] for rows offs_n of one expert's weight: (code rows, scale rows).
+
+    FP4 (blocked layout): stride_wn is the size of a row group (words); bf16: the row stride, and the
+    second pointer is unused."""
+    if W_FP4:
+        group = w_ptr + expert * stride_we + (offs_n // 16)[:, None].to(tl.int64) * stride_wn
+        r = (offs_n % 16)[:, None]
+        return group + 8 * r, group + 128 + r
+    rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+    return rows, rows
+
+
+@triton.jit
 def _load_weight_tile(
     w_rows, s_rows, selectors, k0, K, n_mask,
     BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, MASK_K: tl.constexpr,
 ):  # fmt: skip
     """Rows [BN] of a weight [N, K] as a bf16 tile [BN, BK] starting at column k0.
 
-    FP4 (BK a multiple of 64): w_rows / s_rows point at each row's code words / scale words (int32,
-    repacked); selectors = `_fp4_scale_selectors`; the tile is scaled by 2^-9. Each code word loads
-    its own copy of its scale word (8 words share one; the copies stay in L1/shared memory), which
-    keeps the whole decode in the layout of the MMA operand. Without MASK_K the caller guarantees
-    k0 + BK <= K; masked columns read as zero.
+    FP4 (BK a multiple of 64): w_rows / s_rows from `_weight_rows`; selectors from
+    `_fp4_scale_selectors`; the tile is scaled by 2^-9. Each code word loads its own copy of its
+    scale word (8 words share one; the copies stay in L1/shared memory), which keeps the whole decode
+    in the layout of the MMA operand. Without MASK_K the caller guarantees k0 + BK <= K; masked
+    columns read as zero.
     """
     if W_FP4:
         offs_w = k0 // 8 + tl.arange(0, BK // 8)
-        offs_s = k0 // 64 + tl.arange(0, BK // 8) // 8
+        chunk = (offs_w // 8) * 144
         if MASK_K:
-            words = tl.load(w_rows + offs_w[None, :], mask=n_mask & (offs_w[None, :] < K // 8), other=0)
-            scales = tl.load(s_rows + offs_s[None, :], mask=n_mask & (offs_w[None, :] < K // 8), other=0)
+            k_mask = n_mask & (offs_w[None, :] < (K + 63) // 64 * 8)
+            words = tl.load(w_rows + (chunk + offs_w % 8)[None, :], mask=k_mask, other=0)
+            scales = tl.load(s_rows + chunk[None, :], mask=k_mask, other=0)
         else:
-            words = tl.load(w_rows + offs_w[None, :], mask=n_mask, other=0)
-            scales = tl.load(s_rows + offs_s[None, :], mask=n_mask, other=0)
+            words = tl.load(w_rows + (chunk + offs_w % 8)[None, :], mask=n_mask, other=0)
+            scales = tl.load(s_rows + chunk[None, :], mask=n_mask, other=0)
         w = _fp4_decode(words, scales, selectors, BN, BK)
     else:
         offs_k = k0 + tl.arange(0, BK)
@@ -338,7 +359,6 @@ def _gemm1_step(
 def moe_gemm1_kernel(
     x_ptr,
     w_ptr,
-    s_ptr,
     tbl_ptr,
     gs_ptr,
     h_ptr,
@@ -352,8 +372,6 @@ def moe_gemm1_kernel(
     stride_xm,
     stride_we,
     stride_wn,
-    stride_se,
-    stride_sn,
     stride_hm,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -366,7 +384,7 @@ def moe_gemm1_kernel(
 ):
     """h[slot, n] = act(gs_gate * x W_gate^T) * (gs_up * x W_up^T) for one [BM, BN] tile.
 
-    w: [E, 2N, K] (bf16) or [E, 2N, K/8] (FP4 words) with gate rows [0, N), up rows [N, 2N).
+    w: [E, 2N, K] (bf16) or FP4 blocks (see the module docstring), gate rows [0, N), up rows [N, 2N).
     FUSE_ACT=False instead stores the scaled gate and up as h[slot, n] and h[slot, N + n] (h is then
     [slots, 2N]) for a separate activation pass; kept to measure what the fusion saves.
     """
@@ -386,10 +404,8 @@ def moe_gemm1_kernel(
 
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = (offs_n < N)[:, None]
-    gate_w = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-    up_w = gate_w + N * stride_wn
-    gate_s = s_ptr + expert * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
-    up_s = gate_s + N * stride_sn
+    gate_w, gate_s = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
+    up_w, up_s = _weight_rows(w_ptr, expert, offs_n + N, stride_we, stride_wn, W_FP4)
 
     acc_g = _zero_acc(BM, BN, SWAP_AB)
     acc_u = _zero_acc(BM, BN, SWAP_AB)
@@ -437,7 +453,6 @@ def _gemm2_step(
 def moe_gemm2_kernel(
     h_ptr,
     w_ptr,
-    s_ptr,
     tbl_ptr,
     gs_ptr,
     topk_w_ptr,
@@ -451,8 +466,6 @@ def moe_gemm2_kernel(
     stride_hm,
     stride_we,
     stride_wn,
-    stride_se,
-    stride_sn,
     stride_om,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -477,8 +490,7 @@ def moe_gemm2_kernel(
 
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = (offs_n < N)[:, None]
-    w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-    s_rows = s_ptr + expert * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+    w_rows, s_rows = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
 
     # Padding rows of h hold finite values (GEMM1 wrote them); loading them all keeps the loads unmasked.
     all_rows = slots >= 0
@@ -596,19 +608,20 @@ def moe_scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_pairs, CHUN
 
 
 @triton.jit
-def fp4_dequant_kernel(w_ptr, s_ptr, tbl_ptr, out_ptr, num_rows, K, BR: tl.constexpr, BW: tl.constexpr):
-    """out[r, :] = e2m1(codes) * block_scale in bf16 (exact) for repacked rows: code words
-    [num_rows, K/8], scale words [num_rows, ceil(K/64)]; BW (words per program) a multiple of 8.
+def fp4_dequant_kernel(
+    w_ptr, tbl_ptr, out_ptr, num_rows, N, K, stride_we, stride_wn, BR: tl.constexpr, BW: tl.constexpr
+):  # fmt: skip
+    """out[r, :K] = e2m1(codes) * block_scale in bf16 (exact) for the rows r = e * N + n of FP4 experts
+    in the blocked layout; BW (words per program) a multiple of 8.
 
     The global scale is left out on purpose: the GEMM epilogue applies it in fp32, as on the FP4 path.
     """
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    offs_w = tl.program_id(1) * BW + tl.arange(0, BW)
-    rows64 = rows.to(tl.int64)[:, None]
-    mask = (rows < num_rows)[:, None] & (offs_w < K // 8)[None, :]
-    words = tl.load(w_ptr + rows64 * (K // 8) + offs_w[None, :], mask=mask, other=0)
-    scales = tl.load(s_ptr + rows64 * ((K + 63) // 64) + offs_w[None, :] // 8, mask=mask, other=0)
-    out = _fp4_decode(words, scales, _fp4_scale_selectors(tbl_ptr, 8 * BW, True), BR, 8 * BW)
+    row_mask = (rows < num_rows)[:, None]
+    w_rows, s_rows = _weight_rows(w_ptr, (rows // N)[:, None].to(tl.int64), rows % N, stride_we, stride_wn, True)
+    k0 = tl.program_id(1) * 8 * BW
+    out = _load_weight_tile(w_rows, s_rows, _fp4_scale_selectors(tbl_ptr, 8 * BW, True), k0, K, row_mask,
+                            BR, 8 * BW, True, True)  # fmt: skip
     out = (out.to(tl.float32) * FP4_UNSCALE).to(tl.bfloat16)
-    offs_k = tl.program_id(1) * 8 * BW + tl.arange(0, 8 * BW)
-    tl.store(out_ptr + rows64 * K + offs_k[None, :], out, mask=(rows < num_rows)[:, None] & (offs_k < K)[None, :])
+    offs_k = k0 + tl.arange(0, 8 * BW)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + offs_k[None, :], out, mask=row_mask & (offs_k < K)[None, :])

@@ -3,8 +3,9 @@
 Both run the same kernels (sglang.srt.layers.moe.fused_moe_triton): tokens sorted per expert, GEMM1
 over [gate; up] with act(gate) * up fused into its epilogue, GEMM2 with the routing weight, top-k sum.
 NVFP4 experts are repacked once in process_weights_after_loading (`prepare_nvfp4_experts`: int32 code
-words in a bit order that decodes in a few instructions, re-encoded block scales); the layer's
-checkpoint-layout tensors are replaced, so no second copy stays alive.
+words in a bit order that decodes in a few instructions and re-encoded block scales, together in
+contiguous 16-row blocks); the layer's checkpoint-layout tensors are replaced (the block scales by
+empty tensors: they now live inside the blocks), so no second copy stays alive.
 """
 
 from __future__ import annotations
@@ -58,19 +59,13 @@ class TritonNvFp4MoeRunner(_TritonMoeRunnerBase):
                 layer.w13_weight.data, layer.w2_weight.data, layer.w13_weight_scale.data,
                 layer.w2_weight_scale.data, layer.w13_weight_scale_2.data, layer.w2_weight_scale_2.data,
             )  # fmt: skip
-            for name, value in (("w13_weight", w.w13), ("w2_weight", w.w2), ("w13_weight_scale", w.w13_scale),
-                                ("w2_weight_scale", w.w2_scale)):  # fmt: skip
-                _set_param(layer, name, value)
+            _set_param(layer, "w13_weight", w.w13)
+            _set_param(layer, "w2_weight", w.w2)
+            for name in ("w13_weight_scale", "w2_weight_scale"):
+                _set_param(layer, name, torch.empty(0, dtype=torch.uint8, device=w.w13.device))
             layer.nvfp4_triton_layout = True
         _set_param(layer, "w13_weight_scale_2", layer.w13_weight_scale_2.data.float().reshape(-1, 2).contiguous())
         _set_param(layer, "w2_weight_scale_2", layer.w2_weight_scale_2.data.float().reshape(-1).contiguous())
 
     def _weights(self, layer: torch.nn.Module) -> ExpertWeights:
-        return ExpertWeights(
-            layer.w13_weight,
-            layer.w2_weight,
-            layer.w13_weight_scale,
-            layer.w2_weight_scale,
-            layer.w13_weight_scale_2,
-            layer.w2_weight_scale_2,
-        )
+        return ExpertWeights(layer.w13_weight, layer.w2_weight, layer.w13_weight_scale_2, layer.w2_weight_scale_2)
