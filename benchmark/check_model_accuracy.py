@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -69,9 +70,13 @@ def run_pair(fast: ModelRunner, ref: ModelRunner, prompt: list[int], decode_len:
 
 
 def build_runners(args) -> tuple[ModelRunner, ModelRunner]:
+    # Two 26B runners share the GPU, so size the KV pools by the sequence, not by free memory; the
+    # sliding-window pool is swa_full_tokens_ratio of the full one and must hold the sequence too.
+    need = args.prompt_len + args.decode_len + 64
+    tokens = math.ceil(need / min(1.0, ServerArgs.swa_full_tokens_ratio)) + 64
     common = dict(
         model_path=args.model_path, load_format=args.load_format, dtype=args.dtype, device=args.device,
-        random_seed=args.seed, max_total_tokens=args.prompt_len + args.decode_len + 64, max_running_requests=4,
+        random_seed=args.seed, max_total_tokens=tokens, max_running_requests=4,
     )  # fmt: skip
     fast = ModelRunner(ServerArgs(**common, kv_cache_dtype=args.kv_cache_dtype))
     ref = ModelRunner(
