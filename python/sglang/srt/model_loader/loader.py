@@ -22,6 +22,8 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
 
     NVFP4 codes are any nibble (every e2m1 code is a valid number), block scales near 1 and
     global scales chosen so dequantized weights have a std of about 0.02, like the bf16 ones.
+    Attention and routing are kept well-conditioned (see below) so that dummy models can be
+    compared across implementations (benchmark/check_model_accuracy.py).
     """
     gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
@@ -37,6 +39,15 @@ def fill_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
             data = torch.full(p.shape, 0.008, device=p.device)
         elif leaf.endswith("input_scale"):
             data = torch.full(p.shape, 1.0 / (6 * 448), device=p.device)
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            # Unit q/k norms with attention scale 1 give logits of std sqrt(head_dim): softmax becomes
+            # an argmax whose choice flips with the last bit of any input (a chaotic model that no two
+            # correct implementations agree on). head_dim^-1/4 on both gives unit-std logits.
+            data = torch.full(p.shape, p.shape[0] ** -0.25, device=p.device)
+        elif name.endswith("router.proj.weight"):
+            # The router reads rmsnorm(h) / sqrt(H): std-4 logits make the routing decisive, as in a
+            # trained model, instead of a near-tie among 128 experts at every token.
+            data = torch.randn(p.shape, **like) * 4.0
         elif p.dim() == 1 or leaf in ("layer_scalar", "scale", "per_expert_scale"):
             data = torch.ones(p.shape, device=p.device)
         else:
