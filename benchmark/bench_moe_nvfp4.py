@@ -3,6 +3,7 @@
   python benchmark/bench_moe_nvfp4.py            # table with the configured tiles (configs.py)
   python benchmark/bench_moe_nvfp4.py --tune     # sweep tiles per M first and use the best ones
   python benchmark/bench_moe_nvfp4.py --tune --formats nvfp4 --m 1 16   # a part of the sweep
+  python benchmark/bench_moe_nvfp4.py --tune --m 1 4 16 64        # the decode sizes (GEMM1 split-K too)
 
 Shapes: E=128, H=2816, I=704, top-8 (Gemma 4 26B-A4B), random weights, random routing.
 Timing: each point captures R calls with R different routings (and inputs) in one CUDA graph and
@@ -57,6 +58,12 @@ LARGE_TILES = {
 }  # fmt: skip
 
 
+# GEMM1 split-K (slices of K per output tile) tried with every tile up to this many tokens, where
+# the unsplit grid (block count x N tiles) leaves SMs idle.
+SPLIT_KS = (1, 2, 4, 8)
+SPLIT_K_MAX_M = 64
+
+
 def block_m_candidates(m: int) -> list[int]:
     per_expert = m * TOP_K / E
     if per_expert <= 4:
@@ -70,6 +77,12 @@ def block_m_candidates(m: int) -> list[int]:
 
 def tiles_for(fmt: str, block_m: int) -> list[tuple]:
     return (SMALL_TILES if block_m <= 32 else LARGE_TILES)[fmt]
+
+
+def gemm1_tiles_for(fmt: str, block_m: int, m: int) -> list[tuple]:
+    """GEMM1 candidates: the tiles, each with every split-K count at small M (6-tuples, as `tile`)."""
+    splits = SPLIT_KS if m <= SPLIT_K_MAX_M else (1,)
+    return [t + (s,) for t in tiles_for(fmt, block_m) for s in splits]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -206,10 +219,11 @@ def _jobs(formats: list[str], m_list: list[int]) -> list[tuple]:
         for m in m_list:
             for bm in block_m_candidates(m):
                 jobs.append((fmt, m, bm, "align", None))
-                for t in tiles_for(fmt, bm):
-                    jobs.append((fmt, m, bm, "g1", t))
-                    jobs.append((fmt, m, bm, "g2", t))
-    return jobs
+                jobs += [(fmt, m, bm, "g1", t) for t in gemm1_tiles_for(fmt, bm, m)]
+                jobs += [(fmt, m, bm, "g2", t) for t in tiles_for(fmt, bm)]
+    # One variant's jobs for the different M next to each other: they tend to land in one worker's
+    # chunk, which compiles the variant once instead of several workers compiling it at once.
+    return sorted(jobs, key=lambda j: (j[0], j[2], j[3], str(j[4]), j[1]))
 
 
 _WORKER_STATE: dict = {}
@@ -291,13 +305,16 @@ def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
         aligned = [fm.moe_align(r.topk_ids, E, bm) for _, r in routings]
         t_align = time_graph([lambda r=r: fm.moe_align(r.topk_ids, E, bm) for _, r in routings])
         g1 = {}
-        for t in tiles_for(fmt, bm):
+        for t in gemm1_tiles_for(fmt, bm, m):
             try:
                 g1[t] = time_graph([lambda x=x, a=a, t=t: fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t))
                                     for (x, _), a in zip(routings, aligned)])  # fmt: skip
             except Exception:
                 g1[t] = float("inf")
         t1 = min(g1, key=g1.get)
+        unsplit = min((t for t in g1 if t[5] == 1), key=g1.get)
+        print(f"{fmt} M={m} block_m={bm}: gemm1 best {t1} {g1[t1] * 1e6:.1f} us, best unsplit {unsplit} "
+              f"{g1[unsplit] * 1e6:.1f} us", flush=True)  # fmt: skip
         hs = [fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t1)) for (x, _), a in zip(routings, aligned)]
         outs = [torch.empty(m * TOP_K, H, dtype=torch.bfloat16, device="cuda") for _ in routings]
         g2 = {}

@@ -6,7 +6,11 @@ kernels are imported) at tiny shapes; on a GPU host the same checks run at the r
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -15,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
 
 from sglang.srt.layers.moe.fused_moe_triton.configs import MoeTileConfig, get_moe_config, tile  # noqa: E402
 from sglang.srt.layers.moe.fused_moe_triton.fused_moe import moe_align  # noqa: E402
@@ -153,6 +158,92 @@ def test_fused_moe_tiny(case, weight_format):
     assert rel_err(out, ref) <= TOL
 
 
+# GEMM1 split-K, (split_k, M, top_k, skewed): with H=160 and block_k=64 (3 K steps, the last one a
+# 32-wide tail) split 2 gives slices of 128 + 32, split 3 of 64 + 64 + 32, and split 4 gets 3 slices.
+_SPLIT_CASES = [(2, 7, 3, True), (3, 5, 1, True), (4, 4, 4, False)]
+
+
+@pytest.mark.parametrize("case", _SPLIT_CASES)
+@pytest.mark.parametrize("swap", [0, 1])
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+def test_gemm1_split_k(case, swap, weight_format):
+    split_k, m, top_k, skewed = case
+    layer = make_moe_layer(6, 160, 48, top_k, weight_format)
+    x = torch.randn(m, 160, device=DEV).bfloat16()
+    topk = make_routing(m, 6, top_k, skewed)
+    cfg = MoeTileConfig(16, tile(64, 64, 4, 2, swap, split_k), tile(64, 64, 4, 2, 0))  # N tile 48 of 64
+    ref = reference(layer, x, topk, weight_format)
+    _poison_allocator()
+    assert rel_err(run_triton(layer, x, topk, weight_format, cfg), ref) <= TOL
+
+
+def test_gemm1_split_k_unfused_activation():
+    """The benchmark's separate-activation variant through the split-K reduction: scaled gate | up."""
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
+
+    layer = make_moe_layer(4, 160, 48, 2, "bf16")
+    x = torch.randn(5, 160, device=DEV).bfloat16()
+    topk = make_routing(5, 4, 2, False)
+    w = fm.ExpertWeights(layer.w13_weight, layer.w2_weight)
+    aligned = fm.moe_align(topk.topk_ids, 4, 16)
+    h = [fm.moe_gemm1(x, w, aligned, 2, "silu", tile(32, 64, 4, 2, 0, s), fuse_act=False) for s in (1, 3)]
+    real = aligned.sorted_ids < topk.topk_ids.numel()
+    assert rel_err(h[1][real], h[0][real]) <= TOL
+
+
+def test_gemm1_k_slices():
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import gemm1_k_slices
+
+    assert gemm1_k_slices(2816, tile(64, 64, 4, 4, 0, 8)) == (384, 8)  # 44 steps: 7 x 6 + 2
+    assert gemm1_k_slices(2816, tile(64, 128, 4, 4, 0, 3)) == (1024, 3)  # 22 steps: 8 + 8 + 6
+    assert gemm1_k_slices(160, tile(32, 64, 4, 2, 0, 4)) == (64, 3)  # fewer slices than asked
+    assert gemm1_k_slices(64, tile(32, 64, 4, 2, 0, 2)) == (64, 1)
+    with pytest.raises(ValueError):
+        gemm1_k_slices(64, tile(32, 64, 4, 2, 0, 0))
+    with pytest.raises(ValueError):
+        MoeTileConfig(16, tile(32, 64, 4, 2, 0), tile(32, 64, 4, 2, 0, 2))
+
+
+def _compile_split_k_for_sm90() -> None:
+    """GEMM1 split-K kernels compiled for sm_90 at the real tiles (the interpreter never compiles them;
+    the FP4 decode's inline PTX only exists on this path). Run without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sglang.srt.layers.moe.fused_moe_triton import kernels
+
+    def compile_one(fn, args: dict, consts: dict, num_warps: int, num_stages: int) -> None:
+        sig = {**args, **{name: "constexpr" for name in consts}}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+    i32, ptr = "i32", "*i32"
+    rows = dict(sorted_ids_ptr=ptr, block_expert_ptr=ptr, num_padded_ptr=ptr, num_pairs=i32)
+    gemm1 = dict(
+        x_ptr="*bf16", w_ptr=ptr, tbl_ptr="*u8", gs_ptr="*fp32", h_ptr="*bf16", ws_ptr="*fp32", **rows, top_k=i32,
+        N=i32, K=i32, k_split=i32, stride_xm=i32, stride_we=i32, stride_wn=i32, stride_hm=i32, stride_ws_split=i32,
+        stride_ws_pair=i32,
+    )  # fmt: skip
+    for w_fp4, swap in ((True, False), (True, True), (False, False)):
+        consts = dict(BM=16, BN=64, BK=64 if w_fp4 else 128, W_FP4=w_fp4, ACT=0, SWAP_AB=swap, SPLIT_K=4, FUSE_ACT=True,
+                      HAS_GS=w_fp4)  # fmt: skip
+        compile_one(kernels.moe_gemm1_kernel, {**gemm1, "w_ptr": ptr if w_fp4 else "*bf16"}, consts, 4, 4)
+    reduce = dict(ws_ptr="*fp32", gs_ptr="*fp32", h_ptr="*bf16", **rows, N=i32, stride_ws_split=i32,
+                  stride_ws_pair=i32, stride_hm=i32)  # fmt: skip
+    consts = dict(BM=16, BN=64, SPLIT_K=4, W_FP4=True, ACT=0, FUSE_ACT=True, HAS_GS=True)
+    compile_one(kernels.moe_gemm1_reduce_kernel, reduce, consts, 4, 1)
+
+
+@pytest.mark.skipif(
+    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(), reason="no ptxas here"
+)
+def test_split_k_kernels_compile_for_sm90():
+    # This file run as a script, in a child process: kernels must be decorated without the interpreter.
+    child = subprocess.run([sys.executable, __file__, "--compile-sm90"], env={**os.environ, "TRITON_INTERPRET": "0"},
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == 0, child.stderr[-4000:]
+
+
 def test_nvfp4_bf16_expansion_path(monkeypatch):
     """The large-batch path (experts expanded to bf16 first) computes the same function."""
     from sglang.srt.layers.moe.fused_moe_triton import fused_moe
@@ -249,6 +340,12 @@ def test_real_shapes(weight_format, m):
     _poison_allocator()
     out = run_triton(layer, x, topk, weight_format)
     assert rel_err(out[rows], ref) <= TOL
+    if m <= 64:  # GEMM1 split-K, at the decode sizes it is meant for, with the configured tiles
+        cfg = get_moe_config(m, 128, 2816, 704, 8, weight_format)
+        for split_k in (2, 4, 8):
+            split = dataclasses.replace(cfg, gemm1=dataclasses.replace(cfg.gemm1, split_k=split_k))
+            _poison_allocator()
+            assert rel_err(run_triton(layer, x, topk, weight_format, split)[rows], ref) <= TOL, split_k
 
 
 @gpu_only
@@ -271,12 +368,13 @@ def test_awkward_shapes(weight_format, num_experts, hidden, inter, m, top_k, ske
 @pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
 @pytest.mark.parametrize("swap", [0, 1])
 @pytest.mark.parametrize("block_m", [16, 64, 128])
-def test_forced_tiles(weight_format, swap, block_m):
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_forced_tiles(weight_format, swap, block_m, split_k):
     """Every tile family the tables may pick, at a shape where I is not a multiple of the tile."""
     layer = make_moe_layer(20, 512, 176, 4, weight_format)
     x = torch.randn(300, 512, device="cuda").bfloat16()
     topk = make_routing(300, 20, 4, True)
-    cfg = MoeTileConfig(block_m, tile(64, 128, 4, 3, swap), tile(128, 64, 8, 3, swap))
+    cfg = MoeTileConfig(block_m, tile(64, 128, 4, 3, swap, split_k), tile(128, 64, 8, 3, swap))
     ref = reference(layer, x, topk, weight_format)
     out = run_triton(layer, x, topk, weight_format, cfg)
     assert rel_err(out, ref) <= TOL
@@ -297,3 +395,7 @@ def test_nvfp4_linear_gpu(m):
 def test_config_lookup_has_a_default():
     cfg = get_moe_config(3, 17, 96, 80, 2, "nvfp4")
     assert cfg.block_m in (16, 32, 64, 128)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    _compile_split_k_for_sm90()

@@ -20,9 +20,13 @@ class GemmTile:
     num_warps: int
     num_stages: int
     swap_ab: bool
+    # GEMM1 only: up to this many programs per output tile, each over a slice of K (whole block_k
+    # steps), summed by a second kernel (`fused_moe.moe_gemm1`). For few tokens, where one program
+    # per tile leaves most SMs idle.
+    split_k: int = 1
 
     def as_tuple(self) -> tuple:
-        return (self.block_n, self.block_k, self.num_warps, self.num_stages, int(self.swap_ab))
+        return (self.block_n, self.block_k, self.num_warps, self.num_stages, int(self.swap_ab), self.split_k)
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,14 @@ class MoeTileConfig:
     gemm1: GemmTile
     gemm2: GemmTile
 
+    def __post_init__(self) -> None:
+        if self.gemm2.split_k != 1:
+            raise ValueError("split_k is implemented for GEMM1 only")
 
-def tile(block_n: int, block_k: int, num_warps: int, num_stages: int, swap_ab: int) -> GemmTile:
-    return GemmTile(block_n, block_k, num_warps, num_stages, bool(swap_ab))
+
+def tile(block_n: int, block_k: int, num_warps: int, num_stages: int, swap_ab: int, split_k: int = 1) -> GemmTile:
+    """From the tables' tuples (block_n, block_k, num_warps, num_stages, swap_ab[, split_k])."""
+    return GemmTile(block_n, block_k, num_warps, num_stages, bool(swap_ab), split_k)
 
 
 def default_moe_config(num_tokens: int, num_experts: int, top_k: int, weight_format: str) -> MoeTileConfig:
@@ -67,6 +76,8 @@ def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeT
 # NVFP4 from FP4_DEQUANT_MIN_TOKENS (4096) on runs the bf16 kernels on expanded experts (bf16 rows);
 # its rows here are the in-loop decode's best, used only if that threshold is raised.
 # No H100 sweep was run: H100 uses default_moe_config.
+# Tiles are (block_n, block_k, num_warps, num_stages, swap_ab[, split_k]); GEMM1 split-K is not measured
+# yet (benchmark/README_moe.md, "Not yet measured"), so every entry runs unsplit.
 TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
     ("H200", "nvfp4", 128, 2816, 704, 8): _bucketed([
         (2, 16, (64, 128, 4, 4, 0), (64, 64, 4, 4, 0)),

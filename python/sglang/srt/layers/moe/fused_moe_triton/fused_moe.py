@@ -24,6 +24,7 @@ from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     moe_align_kernel,
     moe_count_kernel,
     moe_gemm1_kernel,
+    moe_gemm1_reduce_kernel,
     moe_gemm2_kernel,
     moe_offsets_kernel,
     moe_scatter_kernel,
@@ -183,26 +184,48 @@ def _launch_kwargs(t: GemmTile, w: ExpertWeights, block_m: int) -> dict:
     return dict(BN=t.block_n, BK=t.block_k, SWAP_AB=swap_ab, num_warps=t.num_warps, num_stages=t.num_stages)
 
 
+def gemm1_k_slices(hidden: int, t: GemmTile) -> tuple[int, int]:
+    """(k_split, slices) for GEMM1's split-K: each slice covers whole block_k steps (so, for NVFP4,
+    whole 64-K blocks, and its main loop needs no K mask), the last one also the K % block_k tail.
+    Slices are balanced to within one step; fewer than t.split_k when K has too few steps."""
+    if t.split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {t.split_k}")
+    steps = triton.cdiv(hidden, t.block_k)
+    k_split = triton.cdiv(steps, t.split_k) * t.block_k
+    return k_split, triton.cdiv(hidden, k_split)
+
+
 def moe_gemm1(
     x: torch.Tensor, w: ExpertWeights, aligned: AlignedTokens, top_k: int, activation: str, t: GemmTile,
     fuse_act: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """h [slots, I] bf16 = act(x W_gate^T * gs_gate) * (x W_up^T * gs_up), rows in sorted order.
 
-    fuse_act=False returns [slots, 2I] (scaled gate | scaled up) for `unfused_activation`."""
+    fuse_act=False returns [slots, 2I] (scaled gate | scaled up) for `unfused_activation`.
+    t.split_k > 1: K is cut into slices computed by separate programs, whose fp32 partial sums go to
+    a workspace [slices, M * top_k, 2I] (sized from M alone) and are summed in a second kernel."""
     inter, hidden = w.inter, x.shape[1]
+    num_pairs = x.shape[0] * top_k
     width = inter if fuse_act else 2 * inter
     h = torch.empty(aligned.max_blocks * aligned.block_m, width, dtype=torch.bfloat16, device=x.device)
     gs = w.w13_scale_2 if w.w13_scale_2 is not None else w.w13
-    grid = (aligned.max_blocks * triton.cdiv(inter, t.block_n),)
-    moe_gemm1_kernel[grid](
-        x, w.w13, _scale_byte_table(x.device), gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
-        x.shape[0] * top_k, top_k, inter, hidden,
-        x.stride(0), w.w13.stride(0), w.w13.stride(1), h.stride(0),
-        BM=aligned.block_m, W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act,
-        HAS_GS=w.w13_scale_2 is not None,
-        **_launch_kwargs(t, w, aligned.block_m),
+    k_split, slices = gemm1_k_slices(hidden, t)
+    # Unsplit, the kernel writes h directly and never touches the workspace argument.
+    ws = h if slices == 1 else torch.empty(slices, num_pairs, 2 * inter, dtype=torch.float32, device=x.device)
+    tiles = aligned.max_blocks * triton.cdiv(inter, t.block_n)
+    epilogue = dict(W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act, HAS_GS=w.w13_scale_2 is not None)
+    moe_gemm1_kernel[(tiles * slices,)](
+        x, w.w13, _scale_byte_table(x.device), gs, h, ws, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        num_pairs, top_k, inter, hidden, k_split,
+        x.stride(0), w.w13.stride(0), w.w13.stride(1), h.stride(0), ws.stride(0), ws.stride(1),
+        BM=aligned.block_m, SPLIT_K=slices, **epilogue, **_launch_kwargs(t, w, aligned.block_m),
     )  # fmt: skip
+    if slices > 1:
+        moe_gemm1_reduce_kernel[(tiles,)](
+            ws, gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded, num_pairs, inter,
+            ws.stride(0), ws.stride(1), h.stride(0),
+            BM=aligned.block_m, BN=t.block_n, SPLIT_K=slices, **epilogue, num_warps=4,
+        )  # fmt: skip
     return h
 
 

@@ -5,6 +5,9 @@ Data flow for one MoE layer (M tokens, top-k, E experts, hidden H, intermediate 
      every expert's run padded to a multiple of BLOCK_M, and maps each BLOCK_M block to its expert.
   2. `moe_gemm1_kernel`: per block, x[tokens] @ [gate; up]^T with the weights dequantised in registers,
      the two global scales applied in fp32, then act(gate) * up stored as bf16 in sorted order.
+     Split-K (few tokens, so few programs): SPLIT_K programs per tile each cover a slice of K and
+     store their raw fp32 accumulators per pair; `moe_gemm1_reduce_kernel` sums the slices in a fixed
+     order and runs the same epilogue.
   3. `moe_gemm2_kernel`: per block, h @ down^T, times the down global scale and the routing weight,
      stored per (token, slot) pair; the caller sums over k (deterministic, no atomics on outputs).
 
@@ -356,73 +359,28 @@ def _gemm1_step(
 
 
 @triton.jit
-def moe_gemm1_kernel(
-    x_ptr,
-    w_ptr,
-    tbl_ptr,
-    gs_ptr,
-    h_ptr,
-    sorted_ids_ptr,
-    block_expert_ptr,
-    num_padded_ptr,
-    num_pairs,
-    top_k,
-    N,
-    K,
-    stride_xm,
-    stride_we,
-    stride_wn,
-    stride_hm,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    W_FP4: tl.constexpr,
-    ACT: tl.constexpr,
-    SWAP_AB: tl.constexpr,
-    FUSE_ACT: tl.constexpr = True,
-    HAS_GS: tl.constexpr = True,
-):
-    """h[slot, n] = act(gs_gate * x W_gate^T) * (gs_up * x W_up^T) for one [BM, BN] tile.
-
-    w: [E, 2N, K] (bf16) or FP4 blocks (see the module docstring), gate rows [0, N), up rows [N, 2N).
-    FUSE_ACT=False instead stores the scaled gate and up as h[slot, n] and h[slot, N + n] (h is then
-    [slots, 2N]) for a separate activation pass; kept to measure what the fusion saves.
-    """
+def _tile_ids(N, BN: tl.constexpr, SPLIT_K: tl.constexpr):
+    """This program's (block, N tile, K slice). Slices of one tile are neighbours in launch order (they
+    share the activation rows); blocks are outermost, so the unused ones past num_padded come last."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    if pid_m * BM >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    return pid // (SPLIT_K * num_n), (pid // SPLIT_K) % num_n, pid % SPLIT_K
 
+
+@triton.jit
+def _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BM: tl.constexpr):
+    """Block pid_m's slots [BM], their (token, slot) pairs and which of them are real (not padding)."""
     slots = pid_m * BM + tl.arange(0, BM)
     pairs = tl.load(sorted_ids_ptr + slots)
-    valid = pairs < num_pairs
-    tokens = (pairs // top_k).to(tl.int64)
-    a_rows = x_ptr + tokens[:, None] * stride_xm
+    return slots, pairs, pairs < num_pairs
 
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_mask = (offs_n < N)[:, None]
-    gate_w, gate_s = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
-    up_w, up_s = _weight_rows(w_ptr, expert, offs_n + N, stride_we, stride_wn, W_FP4)
 
-    acc_g = _zero_acc(BM, BN, SWAP_AB)
-    acc_u = _zero_acc(BM, BN, SWAP_AB)
-    selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
-    k_main = K - K % BK
-    for k0 in range(0, k_main, BK):
-        acc_g, acc_u = _gemm1_step(
-            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k0, K, n_mask,
-            BN, BK, W_FP4, SWAP_AB, False,
-        )
-    if k_main < K:
-        acc_g, acc_u = _gemm1_step(
-            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k_main, K, n_mask,
-            BN, BK, W_FP4, SWAP_AB, True,
-        )
-    g = _finish_acc(acc_g, SWAP_AB)
-    u = _finish_acc(acc_u, SWAP_AB)
+@triton.jit
+def _gemm1_epilogue(
+    g, u, expert, gs_ptr, h_ptr, slots, offs_n, N, stride_hm,
+    W_FP4: tl.constexpr, ACT: tl.constexpr, FUSE_ACT: tl.constexpr, HAS_GS: tl.constexpr,
+):  # fmt: skip
+    """Gate and up accumulators [BM, BN] (fp32, unscaled) -> h rows `slots`, columns offs_n."""
     if W_FP4:
         g = g * FP4_UNSCALE
         u = u * FP4_UNSCALE
@@ -437,6 +395,132 @@ def moe_gemm1_kernel(
     else:
         tl.store(h_ptrs, g.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
         tl.store(h_ptrs + N, u.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
+
+
+@triton.jit
+def moe_gemm1_kernel(
+    x_ptr,
+    w_ptr,
+    tbl_ptr,
+    gs_ptr,
+    h_ptr,
+    ws_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    num_pairs,
+    top_k,
+    N,
+    K,
+    k_split,
+    stride_xm,
+    stride_we,
+    stride_wn,
+    stride_hm,
+    stride_ws_split,
+    stride_ws_pair,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    W_FP4: tl.constexpr,
+    ACT: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
+    FUSE_ACT: tl.constexpr = True,
+    HAS_GS: tl.constexpr = True,
+):
+    """h[slot, n] = act(gs_gate * x W_gate^T) * (gs_up * x W_up^T) for one [BM, BN] tile.
+
+    w: [E, 2N, K] (bf16) or FP4 blocks (see the module docstring), gate rows [0, N), up rows [N, 2N).
+    FUSE_ACT=False instead stores the scaled gate and up as h[slot, n] and h[slot, N + n] (h is then
+    [slots, 2N]) for a separate activation pass; kept to measure what the fusion saves.
+
+    SPLIT_K > 1: program s of a tile covers K columns [s * k_split, min((s + 1) * k_split, K)) and
+    stores its raw accumulators, gate at ws[s, pair, n] and up at ws[s, pair, N + n], for real pairs
+    only; `moe_gemm1_reduce_kernel` finishes. k_split is a multiple of BK (for FP4 a multiple of 64,
+    so every slice starts on a block and its main loop stays unmasked) and the host launches no empty
+    slice, so only the last slice can hold the K % BK tail. SPLIT_K = 1 passes k_split = K.
+    """
+    pid_m, pid_n, pid_s = _tile_ids(N, BN, SPLIT_K)
+    if pid_m * BM >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+
+    slots, pairs, valid = _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BM)
+    tokens = (pairs // top_k).to(tl.int64)
+    a_rows = x_ptr + tokens[:, None] * stride_xm
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = (offs_n < N)[:, None]
+    gate_w, gate_s = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
+    up_w, up_s = _weight_rows(w_ptr, expert, offs_n + N, stride_we, stride_wn, W_FP4)
+
+    acc_g = _zero_acc(BM, BN, SWAP_AB)
+    acc_u = _zero_acc(BM, BN, SWAP_AB)
+    selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
+    k_lo = pid_s * k_split
+    k_hi = tl.minimum(k_lo + k_split, K)
+    k_main = K - K % BK
+    for k0 in range(k_lo, tl.minimum(k_hi, k_main), BK):
+        acc_g, acc_u = _gemm1_step(
+            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k0, K, n_mask,
+            BN, BK, W_FP4, SWAP_AB, False,
+        )
+    if k_main < k_hi:
+        acc_g, acc_u = _gemm1_step(
+            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k_main, K, n_mask,
+            BN, BK, W_FP4, SWAP_AB, True,
+        )
+    g = _finish_acc(acc_g, SWAP_AB)
+    u = _finish_acc(acc_u, SWAP_AB)
+    if SPLIT_K > 1:
+        # Rows by pair, not slot: the workspace then scales with M * top_k, not with the padding.
+        ws_ptrs = ws_ptr + pid_s * stride_ws_split + pairs[:, None].to(tl.int64) * stride_ws_pair + offs_n[None, :]
+        mask = valid[:, None] & (offs_n < N)[None, :]
+        tl.store(ws_ptrs, g, mask=mask)
+        tl.store(ws_ptrs + N, u, mask=mask)
+    else:
+        _gemm1_epilogue(g, u, expert, gs_ptr, h_ptr, slots, offs_n, N, stride_hm, W_FP4, ACT, FUSE_ACT, HAS_GS)
+
+
+@triton.jit
+def moe_gemm1_reduce_kernel(
+    ws_ptr,
+    gs_ptr,
+    h_ptr,
+    sorted_ids_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    num_pairs,
+    N,
+    stride_ws_split,
+    stride_ws_pair,
+    stride_hm,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    W_FP4: tl.constexpr,
+    ACT: tl.constexpr,
+    FUSE_ACT: tl.constexpr = True,
+    HAS_GS: tl.constexpr = True,
+):
+    """Split-K GEMM1, second pass over the same [BM, BN] tiles: sums the SPLIT_K partial accumulators
+    of `moe_gemm1_kernel` in slice order (deterministic), then its epilogue. Padding rows read zeros
+    and so store act(0) * 0 = 0, as the unsplit kernel does (GEMM2 reads them unmasked)."""
+    pid_m, pid_n, _ = _tile_ids(N, BN, 1)
+    if pid_m * BM >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    slots, pairs, valid = _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = valid[:, None] & (offs_n < N)[None, :]
+    ws_ptrs = ws_ptr + pairs[:, None].to(tl.int64) * stride_ws_pair + offs_n[None, :]
+    g = tl.zeros((BM, BN), dtype=tl.float32)
+    u = tl.zeros((BM, BN), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        g += tl.load(ws_ptrs + s * stride_ws_split, mask=mask, other=0.0)
+        u += tl.load(ws_ptrs + s * stride_ws_split + N, mask=mask, other=0.0)
+    _gemm1_epilogue(g, u, expert, gs_ptr, h_ptr, slots, offs_n, N, stride_hm, W_FP4, ACT, FUSE_ACT, HAS_GS)
 
 
 @triton.jit
@@ -475,17 +559,12 @@ def moe_gemm2_kernel(
     HAS_GS: tl.constexpr = True,
 ):
     """out[pair, n] = topk_w[pair] * gs_down * (h[slot] @ W_down^T)[n]; h rows are in sorted order."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BN)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_m, pid_n, _ = _tile_ids(N, BN, 1)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
 
-    slots = pid_m * BM + tl.arange(0, BM)
-    pairs = tl.load(sorted_ids_ptr + slots)
-    valid = pairs < num_pairs
+    slots, pairs, valid = _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BM)
     a_rows = h_ptr + slots[:, None].to(tl.int64) * stride_hm
 
     offs_n = pid_n * BN + tl.arange(0, BN)
