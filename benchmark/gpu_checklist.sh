@@ -2,6 +2,8 @@
 # Everything issue 7 asks to be shown on the GPU host, in two device calls of under 10 minutes each.
 #   bash benchmark/gpu_checklist.sh correctness   # GPU tests, whole-model accuracy with bf16 and fp8 KV
 #   bash benchmark/gpu_checklist.sh performance   # serving workloads, step profiles, transformers baseline
+#   bash benchmark/gpu_checklist.sh moe-tune      # MoE tests + split-K tile sweep for M <= 64 (issue 5);
+#                                                 # copy its `tuned ...` lines into configs.py
 # Outputs land in $OUT (default .): logs, JSONL records, profile tables. `performance` needs the
 # serving stack's wheels in .whl (see gpu_serving.sh).
 set -uo pipefail
@@ -30,8 +32,14 @@ performance() {
   timeout 150 python3 benchmark/bench_transformers_baseline.py 2>&1 | tail -1
 }
 
+moe_tune() {
+  timeout 200 python3 -m pytest -x -q test/srt/test_moe_triton.py 2>&1 | tail -5
+  timeout 360 python3 benchmark/bench_moe_nvfp4.py --tune --m 1 4 16 64 --workers 16 --out "$OUT"
+}
+
 case "${1:-}" in
   correctness) correctness ;;
   performance) performance ;;
-  *) echo "usage: $0 correctness|performance" >&2; exit 2 ;;
+  moe-tune) moe_tune ;;
+  *) echo "usage: $0 correctness|performance|moe-tune" >&2; exit 2 ;;
 esac
