@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -138,9 +139,37 @@ class KVCache:
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_buffer[layer_id], self.v_buffer[layer_id]
 
-    def set_kv_buffer(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_buffer[layer_id][loc] = k.to(self.dtype)
-        self.v_buffer[layer_id][loc] = v.to(self.dtype)
+    def set_kv_buffer(
+        self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: float = 1.0,
+        v_scale: float = 1.0,
+    ) -> None:  # fmt: skip
+        """Store k / k_scale and v / v_scale, cast to the pool dtype, at slots `loc`."""
+        self.k_buffer[layer_id][loc] = _divide(k, k_scale).to(self.dtype)
+        self.v_buffer[layer_id][loc] = _divide(v, v_scale).to(self.dtype)
+
+
+@dataclass(frozen=True)
+class KVWrite:
+    """Where one layer's k/v of a step go, for a kernel that stores them itself (the backend is then
+    called with save_kv_cache=False): the layer's buffers [slots, kv_heads, d], each new token's slot,
+    and the scales KVCache.set_kv_buffer would divide k and v by."""
+
+    k_buffer: torch.Tensor
+    v_buffer: torch.Tensor
+    loc: torch.Tensor
+    k_scale: float
+    v_scale: float
+
+
+def fp32_reciprocal(scale: float) -> float:
+    """1 / scale computed in fp32: CUDA divides a tensor by a Python scalar as a multiply by this."""
+    return float(np.float32(1.0) / np.float32(scale))
+
+
+def _divide(x: torch.Tensor, scale: float) -> torch.Tensor:
+    # The multiply CUDA does for x / scale, written out so that every device (and the fused store
+    # kernel) rounds the same way.
+    return x if scale == 1.0 else x * fp32_reciprocal(scale)
 
 
 @dataclass

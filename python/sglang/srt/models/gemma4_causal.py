@@ -6,9 +6,10 @@ One decoder layer (see gemma4.md):
   out = (h + post_ffw_norm(dense + moe)) * layer_scalar     (the router reads the raw h)
 
 Small ops run as fused Triton kernels on CUDA (sglang.srt.layers.triton_ops; the torch code next to
-each call is the CPU path and the reference): per layer one kernel for q/k/v norms + rope, one for
-the residual add and the three norms after attention, one for GELU * up, one for routing, and one for
-the FFN combine, which also computes the next layer's input norm (so each layer receives it).
+each call is the CPU path and the reference): per layer one kernel for q/k/v norms + rope, which also
+stores k and v in the KV cache, one for the residual add and the three norms after attention, one for
+GELU * up, one for routing, and one for the FFN combine, which also sums the experts' per-pair terms
+and computes the next layer's input norm (so each layer receives it).
 """
 
 from __future__ import annotations
@@ -66,19 +67,24 @@ class Gemma4Attention(torch.nn.Module):
         self.attn = RadixAttention(self.num_heads, d, 1.0, kvh, layer_id, sliding_window=window)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.norm_rope(self.qkv_proj(x), rope)
-        return self.o_proj(self.attn(q, k, v, forward_batch))
+        q, k, v = self.norm_rope(self.qkv_proj(x), rope, forward_batch)
+        return self.o_proj(self.attn(q, k, v, forward_batch, save_kv_cache=k is not None))
 
-    def norm_rope(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """rope(q_norm(q)), rope(k_norm(k)), v_norm(v) from the fused projection (k doubles as v with k_eq_v)."""
+    def norm_rope(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], forward_batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """rope(q_norm(q)), rope(k_norm(k)), v_norm(v) from the fused projection (k doubles as v with
+        k_eq_v). The fused kernel stores k and v in the KV cache itself and returns them as None."""
         d, kvh = self.spec.head_dim, self.spec.num_kv_heads
         cos, sin = rope
         if fused_ops_enabled(qkv):
             from sglang.srt.layers.triton_ops.qkv_norm_rope import qkv_norm_rope
 
-            return qkv_norm_rope(
-                qkv, self.num_heads, kvh, d, self.spec.k_eq_v, self.q_norm.weight, self.k_norm.weight, cos, sin, self.q_norm.eps
-            )
+            q = qkv_norm_rope(
+                qkv, self.num_heads, kvh, d, self.spec.k_eq_v, self.q_norm.weight, self.k_norm.weight, cos, sin,
+                self.q_norm.eps, self.attn.kv_write(forward_batch),
+            )  # fmt: skip
+            return q, None, None
         q = qkv[:, : self.num_heads * d].view(-1, self.num_heads, d)
         k = qkv[:, self.num_heads * d : (self.num_heads + kvh) * d].view(-1, kvh, d)
         v = k if self.spec.k_eq_v else qkv[:, (self.num_heads + kvh) * d :].view(-1, kvh, d)
@@ -151,7 +157,8 @@ class Gemma4DecoderLayer(torch.nn.Module):
         moe = None
         if self.enable_moe:
             topk = gemma4_topk(self.router.proj(x_router), self.experts.top_k, self.router.per_expert_scale)
-            moe = self.experts(x_moe, topk)
+            # The fused combine sums the experts' per-pair terms itself (one reduce kernel fewer).
+            moe = self.experts(x_moe, topk, keep_pairs=fused_ops_enabled(h))
         return self._combine(h, dense, moe, next_norm)
 
     def _post_attention(self, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -175,7 +182,8 @@ class Gemma4DecoderLayer(torch.nn.Module):
         self, h: torch.Tensor, dense: torch.Tensor, moe: torch.Tensor | None, next_norm: RMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h = (h + post_feedforward_layernorm(ffw)) * layer_scalar and next_norm(h); ffw is the dense
-        output, or post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(moe)."""
+        output, or post_feedforward_layernorm_1(dense) + post_feedforward_layernorm_2(moe). On the fused
+        path moe may be the experts' unsummed per-pair terms [T, top_k, H]."""
         if fused_ops_enabled(h):
             from sglang.srt.layers.triton_ops.ffn_combine import ffn_combine
 

@@ -5,8 +5,9 @@ Semantics match TorchNativeAttnBackend: causal by absolute position; on sliding 
 sees keys in (p - W, p]; fp32 softmax; output [T, H * d] in q's dtype.
 
 FP8 KV scales: a layer may carry float attributes `k_scale` / `v_scale` (real value = stored value *
-scale); absent, they are 1.0 and the pool's plain cast is the quantiser. When a scale is not 1.0 and
-the pool holds fp8, forward() divides k/v by it before storing, so store and read agree.
+scale); absent, they are 1.0 and the pool's plain cast is the quantiser. They apply only to an fp8
+pool (kv_scales): k/v are stored divided by them and the kernels multiply them back; a bf16 pool holds
+k/v as they are, whatever the checkpoint calibrated.
 
 Hybrid sliding-window pool: on sliding layers the kernels get the swa slot table and the (smaller)
 swa buffers as arguments; the kernels read only positions inside the window, which the scheduler keeps
@@ -53,21 +54,16 @@ class TritonAttnBackend(AttentionBackend):
         self.metadata = TritonAttnMetadata(q_starts, max_ext, self._num_sms)
         self._metadata_batch = forward_batch
 
-    def forward(self, q, k, v, layer, forward_batch: ForwardBatch) -> torch.Tensor:
-        k_scale, v_scale = _layer_scales(layer)
-        pool = forward_batch.token_to_kv_pool
-        if pool.dtype == torch.float8_e4m3fn:
-            k = k if k_scale == 1.0 else k / k_scale
-            v = v if v_scale == 1.0 else v / v_scale
-        pool.set_kv_buffer(layer.layer_id, forward_batch.cache_loc(layer), k, v)
-        if forward_batch.forward_mode.is_decode():
-            return self.forward_decode(q, layer, forward_batch)
-        return self.forward_extend(q, layer, forward_batch)
+    def kv_scales(self, layer, pool) -> tuple[float, float]:
+        # The checkpoint's scales are loaded whatever the pool dtype; they calibrate fp8 storage only.
+        if pool.dtype != torch.float8_e4m3fn:
+            return 1.0, 1.0
+        return float(getattr(layer, "k_scale", 1.0) or 1.0), float(getattr(layer, "v_scale", 1.0) or 1.0)
 
     def forward_extend(self, q, layer, forward_batch: ForwardBatch) -> torch.Tensor:
         md = self._metadata(forward_batch)
         k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        k_scale, v_scale = _layer_scales(layer)
+        k_scale, v_scale = self.kv_scales(layer, forward_batch.token_to_kv_pool)
         out = q.new_empty(q.shape[0], layer.tp_q_head_num, k_buf.shape[-1])
         extend_attention_fwd(
             q.reshape(q.shape[0], layer.tp_q_head_num, -1), k_buf, v_buf, out,
@@ -80,7 +76,7 @@ class TritonAttnBackend(AttentionBackend):
     def forward_decode(self, q, layer, forward_batch: ForwardBatch) -> torch.Tensor:
         md = self._metadata(forward_batch)
         k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        k_scale, v_scale = _layer_scales(layer)
+        k_scale, v_scale = self.kv_scales(layer, forward_batch.token_to_kv_pool)
         batch = q.shape[0]
         out = q.new_empty(batch, layer.tp_q_head_num, k_buf.shape[-1])
         splits = decode_num_splits(batch, layer.tp_k_head_num, md.num_sms, self.max_kv_splits)
@@ -96,7 +92,3 @@ class TritonAttnBackend(AttentionBackend):
         if self._metadata_batch is not forward_batch:
             self.init_forward_metadata(forward_batch)
         return self.metadata
-
-
-def _layer_scales(layer) -> tuple[float, float]:
-    return float(getattr(layer, "k_scale", 1.0) or 1.0), float(getattr(layer, "v_scale", 1.0) or 1.0)

@@ -35,6 +35,24 @@ def round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def e4m3_bits(x):
+    """fp32 `x` as float8_e4m3fn bits (uint8), as torch casts (c10's fp8e4m3fn_from_fp32_value): nearest
+    even; finite overflow and inf saturate to 448, NaN stays NaN, the sign is kept."""
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    # Below 2^-6 (e4m3 subnormals): adding 2^14 makes the fp32 adder round at the subnormal step
+    # (clamped first, so that lanes taking another branch add no inf or NaN).
+    sub = (tl.minimum(mag, 121 << 23).to(tl.float32, bitcast=True) + 16384.0).to(tl.uint32, bitcast=True) - (141 << 23)
+    # Normal: rebias the exponent (127 -> 7) and round the 20 dropped mantissa bits to nearest even;
+    # rounding up into the NaN code (0x7F) saturates.
+    normal = tl.minimum((mag - (120 << 23) + 0x7FFFF + ((mag >> 20) & 1)) >> 20, 0x7E)
+    out = tl.where(mag < (121 << 23), sub, normal)
+    out = tl.where(mag >= (1087 << 20), tl.where(mag > 0x7F800000, 0x7F, 0x7E), out)  # |x| >= 480, inf, NaN
+    return (out | sign).to(tl.uint8)
+
+
+@triton.jit
 def tanh(x):
     """tanhf, as torch's CUDA kernels call it."""
     if INTERPRET:

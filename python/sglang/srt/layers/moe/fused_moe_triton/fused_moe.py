@@ -279,10 +279,13 @@ def fused_experts(
     activation: str = "gelu_pytorch_tanh",
     config: MoeTileConfig | None = None,
     fuse_act: bool = True,
+    sum_pairs: bool = True,
 ) -> torch.Tensor:
     """sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) -> [M, H] in x.dtype.
 
-    fuse_act=False runs the activation as separate kernels (only for measuring the fusion)."""
+    fuse_act=False runs the activation as separate kernels (only for measuring the fusion).
+    sum_pairs=False returns the weighted terms unsummed, [M, top_k, H] (top_k 1: [M, H], already the
+    sum), for a consumer that sums them in its own pass (the fused FFN combine)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported MoE activation {activation!r}; supported: {sorted(_ACTIVATIONS)}")
     num_tokens, top_k = topk_ids.shape
@@ -301,5 +304,6 @@ def fused_experts(
         return moe_gemm2(h, w, aligned, topk_weights, torch.empty_like(x), config.gemm2)
     pair_out = torch.empty(num_tokens * top_k, w.hidden, dtype=x.dtype, device=x.device)
     moe_gemm2(h, w, aligned, topk_weights, pair_out, config.gemm2)
+    pairs = pair_out.view(num_tokens, top_k, w.hidden)
     # torch accumulates a bf16 sum in fp32; summing in slot order keeps the result deterministic.
-    return pair_out.view(num_tokens, top_k, w.hidden).sum(dim=1)
+    return pairs.sum(dim=1) if sum_pairs else pairs

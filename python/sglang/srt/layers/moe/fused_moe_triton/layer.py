@@ -107,5 +107,10 @@ class FusedMoE(torch.nn.Module):
         check_shape(weight_name, target.shape, loaded_weight)
         target.copy_(loaded_weight.to(target.dtype))
 
-    def forward(self, x: torch.Tensor, topk: TopKOutput) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk: TopKOutput, keep_pairs: bool = False) -> torch.Tensor:
+        """[M, H]. keep_pairs: the runner's unsummed per-pair terms [M, top_k, H] where it has them
+        (MoeRunner.apply_pairs), [M, H] otherwise; the caller sums."""
+        if keep_pairs:
+            # Every MoE quant method computes through a runner, picked after loading.
+            return self.quant_method.runner.apply_pairs(self, x, topk)
         return self.quant_method.apply(self, x, topk)

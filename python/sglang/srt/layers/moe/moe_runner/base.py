@@ -30,6 +30,11 @@ class MoeRunner:
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk: TopKOutput) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_pairs(self, layer: torch.nn.Module, x: torch.Tensor, topk: TopKOutput) -> torch.Tensor:
+        """The weighted per-pair terms [M, top_k, H] unsummed, for a caller that sums them in a kernel
+        of its own; a runner without them returns the sum [M, H] (one pair per token)."""
+        return self.apply(layer, x, topk)
+
 
 _RUNNERS: dict[tuple[str, str], Callable[[], MoeRunner]] = {}
 

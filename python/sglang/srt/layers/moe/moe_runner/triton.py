@@ -1,7 +1,8 @@
 """Triton fused-MoE runners (bf16 and W4A16 NVFP4 experts) for SM80/SM90, where no FP4 MMA exists.
 
 Both run the same kernels (sglang.srt.layers.moe.fused_moe_triton): tokens sorted per expert, GEMM1
-over [gate; up] with act(gate) * up fused into its epilogue, GEMM2 with the routing weight, top-k sum.
+over [gate; up] with act(gate) * up fused into its epilogue, GEMM2 with the routing weight, top-k sum
+(apply_pairs leaves the sum to the model's FFN combine kernel).
 NVFP4 experts are repacked once in process_weights_after_loading (`prepare_nvfp4_experts`: int32 code
 words in a bit order that decodes in a few instructions and re-encoded block scales, together in
 contiguous 16-row blocks); the layer's checkpoint-layout tensors are replaced (the block scales by
@@ -32,9 +33,16 @@ class _TritonMoeRunnerBase(MoeRunner):
         raise NotImplementedError
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, topk: TopKOutput) -> torch.Tensor:
+        return self._run(layer, x, topk, sum_pairs=True)
+
+    def apply_pairs(self, layer: torch.nn.Module, x: torch.Tensor, topk: TopKOutput) -> torch.Tensor:
+        return self._run(layer, x, topk, sum_pairs=False)
+
+    def _run(self, layer: torch.nn.Module, x: torch.Tensor, topk: TopKOutput, sum_pairs: bool) -> torch.Tensor:
         if x.shape[0] == 0:
             return torch.empty_like(x)
-        return fused_experts(x, self._weights(layer), topk.topk_weights, topk.topk_ids, layer.activation)
+        w = self._weights(layer)
+        return fused_experts(x, w, topk.topk_weights, topk.topk_ids, layer.activation, sum_pairs=sum_pairs)
 
 
 @register_moe_runner
