@@ -338,11 +338,16 @@ def moe_align_kernel(
     tl.debug_barrier()
 
     for start in range(0, num_pairs, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
-        valid = offs < num_pairs
-        ids = tl.load(topk_ids_ptr + offs, mask=valid, other=0)
-        pos = tl.atomic_add(cursor_ptr + ids, 1, mask=valid)
-        tl.store(sorted_ids_ptr + pos, offs, mask=valid)
+        _scatter_pairs(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, start + tl.arange(0, CHUNK), num_pairs)
+
+
+@triton.jit
+def _scatter_pairs(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, offs, num_pairs):
+    """Pairs `offs` take the next free slot of their expert's run (cursor holds each run's next slot)."""
+    valid = offs < num_pairs
+    ids = tl.load(topk_ids_ptr + offs, mask=valid, other=0)
+    pos = tl.atomic_add(cursor_ptr + ids, 1, mask=valid)
+    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
 
 
 @triton.jit
@@ -679,11 +684,7 @@ def moe_offsets_kernel(
 @triton.jit
 def moe_scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_pairs, CHUNK: tl.constexpr):
     """Large-batch align, step 3: each pair takes the next free slot of its expert's run."""
-    offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
-    valid = offs < num_pairs
-    ids = tl.load(topk_ids_ptr + offs, mask=valid, other=0)
-    pos = tl.atomic_add(cursor_ptr + ids, 1, mask=valid)
-    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
+    _scatter_pairs(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK), num_pairs)
 
 
 @triton.jit
