@@ -420,7 +420,10 @@ def test_tiny_model_fused_vs_torch(tmp_path, case):
         return out.all_logits, greedy_generate(runner, prompts, 4)
 
     (logits, tokens), (ref_logits, ref_tokens) = both(run)
-    assert (logits - ref_logits).abs().max().item() < 1e-4
+    # On a GPU the triton MoE kernels multiply fp32 activations on TF32 tensor cores (10-bit
+    # mantissa), so the fused ops' last-bit differences come out of the experts ~1e-3 large.
+    tol = 1e-2 if moe == "triton" and DEV == "cuda" else 1e-4
+    assert (logits - ref_logits).abs().max().item() < tol
     assert tokens == ref_tokens
 
 

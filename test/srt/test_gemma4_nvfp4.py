@@ -410,7 +410,8 @@ def test_kv_cache_dtype_resolution():
     from sglang.srt.model_executor.model_runner import resolve_kv_cache_dtype
 
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
-    assert resolve_kv_cache_dtype("auto", bf16, "FP8") == bf16
+    assert resolve_kv_cache_dtype("auto", bf16, "FP8") == fp8  # the checkpoint asks for an FP8 KV cache
+    assert resolve_kv_cache_dtype("auto", bf16, None) == bf16
     assert resolve_kv_cache_dtype("auto", torch.float32, None) == torch.float32
     assert resolve_kv_cache_dtype("bf16", torch.float32, "FP8") == bf16
     assert resolve_kv_cache_dtype("fp8_e4m3", bf16, None) == fp8
@@ -427,5 +428,5 @@ def test_flashinfer_backend_fails_fast_without_blackwell(checkpoints, monkeypatc
     monkeypatch.setattr(model_runner, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     args = ServerArgs(model_path=str(checkpoints["nvfp4-mm-keqv"]), device="cpu")
     fake = SimpleNamespace(**{**vars(args), "moe_runner_backend": "flashinfer_trtllm"})
-    with pytest.raises(RuntimeError, match="flashinfer_trtllm MoE backend needs an NVIDIA Blackwell GPU"):
+    with pytest.raises(RuntimeError, match="flashinfer_trtllm MoE backend needs an (NVIDIA Blackwell|SM100-family) GPU"):
         ModelRunner(fake)

@@ -54,7 +54,12 @@ class ServerArgs:
     schedule_policy: str = _opt("fcfs", "Waiting-queue order: first come first served, or longest prefix match.", ("fcfs", "lpm"))
     schedule_conservativeness: float = _opt(1.0, "Higher reserves more KV for future output tokens.")
     disable_radix_cache: bool = _opt(False, "Disable prefix caching.")
-    kv_cache_dtype: str = _opt("auto", "KV cache dtype.", ("auto", "bf16", "bfloat16", "fp8_e4m3"))
+    kv_cache_dtype: str = _opt(
+        "auto",
+        "KV cache dtype; auto: fp8_e4m3 on GPU when the checkpoint is calibrated for it (kv_cache_quant_algo FP8), "
+        "else the model dtype.",
+        ("auto", "bf16", "bfloat16", "fp8_e4m3"),
+    )
     swa_full_tokens_ratio: float = _opt(0.8, "Sliding-window layers' KV pool size as a fraction of the full layers' pool (tokens).")
     disable_hybrid_swa_memory: bool = _opt(False, "One KV pool for all layers (sliding layers keep every token's KV).")
     # Kernels

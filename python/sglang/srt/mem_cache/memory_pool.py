@@ -144,8 +144,15 @@ class KVCache:
         v_scale: float = 1.0,
     ) -> None:  # fmt: skip
         """Store k / k_scale and v / v_scale, cast to the pool dtype, at slots `loc`."""
-        self.k_buffer[layer_id][loc] = _divide(k, k_scale).to(self.dtype)
-        self.v_buffer[layer_id][loc] = _divide(v, v_scale).to(self.dtype)
+        self.k_buffer[layer_id][loc] = self._cast(_divide(k, k_scale))
+        self.v_buffer[layer_id][loc] = self._cast(_divide(v, v_scale))
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        # fp8 saturates: torch's CUDA cast turns |x| >= 464 into NaN (its CPU cast saturates), and one
+        # NaN in the cache would poison every later attention over it.
+        if self.dtype.itemsize == 1:
+            x = x.clamp(-torch.finfo(self.dtype).max, torch.finfo(self.dtype).max)
+        return x.to(self.dtype)
 
 
 @dataclass(frozen=True)

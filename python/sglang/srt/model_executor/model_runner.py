@@ -45,13 +45,14 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_kv_cache_dtype(choice: str, model_dtype: torch.dtype, ckpt_kv_algo: str | None) -> torch.dtype:
-    """'auto' keeps the model dtype. A checkpoint calibrated for an FP8 KV cache only gets a hint:
-    the fp8 path has not yet passed the whole-model accuracy check on GPU (issue 7)."""
+    """'auto': an FP8 KV cache when the checkpoint was calibrated for one (`kv_cache_quant_algo: FP8`,
+    whose k/v scales the attention layers load), else the model dtype."""
     if choice not in _KV_DTYPES:
         raise ValueError(f"unsupported kv_cache_dtype {choice!r}; choose from {sorted(_KV_DTYPES)}")
     if choice == "auto":
         if str(ckpt_kv_algo or "").upper() == "FP8":
-            logger.info("the checkpoint is calibrated for an FP8 KV cache; --kv-cache-dtype fp8_e4m3 halves KV memory")
+            logger.info("the checkpoint is calibrated for an FP8 KV cache: using fp8_e4m3 (--kv-cache-dtype bf16 keeps bf16)")
+            return _KV_DTYPES["fp8_e4m3"]
         return model_dtype
     return _KV_DTYPES[choice]
 
@@ -92,8 +93,11 @@ class ModelRunner:
         return CudaGraphRunner(self, max_bs)
 
     def _kv_dtype(self) -> torch.dtype:
+        # The fp8 cache is a GPU feature (ServerArgs refuses fp8_e4m3 on CPU), so 'auto' ignores the
+        # checkpoint's FP8 calibration there.
         quant = self.model_config.quant_config or {}
-        return resolve_kv_cache_dtype(self.server_args.kv_cache_dtype, self.dtype, quant.get("kv_cache_quant_algo"))
+        algo = quant.get("kv_cache_quant_algo") if self.device.startswith("cuda") else None
+        return resolve_kv_cache_dtype(self.server_args.kv_cache_dtype, self.dtype, algo)
 
     def _kv_budget_bytes(self) -> float:
         free, total = torch.cuda.mem_get_info()

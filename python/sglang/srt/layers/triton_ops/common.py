@@ -36,8 +36,8 @@ def round_to(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def e4m3_bits(x):
-    """fp32 `x` as float8_e4m3fn bits (uint8), as torch casts (c10's fp8e4m3fn_from_fp32_value): nearest
-    even; finite overflow and inf saturate to 448, NaN stays NaN, the sign is kept."""
+    """fp32 `x` as float8_e4m3fn bits (uint8), as KVCache stores it (clamp to +-448, then torch's cast):
+    nearest even; finite overflow and inf saturate to 448, NaN stays NaN, the sign is kept."""
     bits = x.to(tl.uint32, bitcast=True)
     sign = (bits >> 24) & 0x80
     mag = bits & 0x7FFFFFFF

@@ -8,8 +8,8 @@ sin 0 there.
 
 Rounding follows the torch path: the normed head is rounded to the dtype (RMSNorm's output) before
 the rotation, and the rotated result again. The store is KVCache.set_kv_buffer's: x * fp32(1 / scale)
-rounded to the dtype (scale 1 unless the pool is fp8), then cast to the cache dtype, fp8 e4m3 exactly
-as torch casts.
+rounded to the dtype (scale 1 unless the pool is fp8), then cast to the cache dtype (fp8 e4m3
+saturating at +-448, bit for bit).
 """
 
 from __future__ import annotations

@@ -76,11 +76,11 @@ def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeT
 # NVFP4 from FP4_DEQUANT_MIN_TOKENS (4096) on runs the bf16 kernels on expanded experts (bf16 rows);
 # its rows here are the in-loop decode's best, used only if that threshold is raised.
 # No H100 sweep was run: H100 uses default_moe_config.
-# Tiles are (block_n, block_k, num_warps, num_stages, swap_ab[, split_k]); GEMM1 split-K is not measured
-# yet (benchmark/README_moe.md, "Not yet measured"), so every entry runs unsplit.
+# Tiles are (block_n, block_k, num_warps, num_stages, swap_ab[, split_k]). The split-K sweep (M = 1, 4,
+# 16, 64; 2026-11-28) won only at M = 1; from M = 4 on the unsplit tile was fastest.
 TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
     ("H200", "nvfp4", 128, 2816, 704, 8): _bucketed([
-        (2, 16, (64, 128, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (2, 16, (64, 64, 4, 4, 0, 4), (64, 64, 4, 4, 0)),  # split-K 4: GEMM1 17.0 vs 19.6 us at M=1
         (8, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
         (32, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
         (128, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
