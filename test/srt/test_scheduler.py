@@ -272,3 +272,54 @@ def test_init_moe_gemm_config_reads_every_top_k_spelling(key):
 
 def test_init_moe_gemm_config_without_moe():
     assert init_moe_gemm_config({"hidden_size": 8}).top_k is None
+
+
+def test_schedule_batch_tables_and_inputs():
+    """write_req_to_token's single scatter and to_forward_batch's packed copy put every new token where
+    the per-request definition says: row req_pool_idx, columns from kv_len, ids fill_ids[kv_len:]."""
+    import torch
+
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+
+    def req(rid, prompt, output, row, kv_len, extend_len):
+        r = Req(rid, prompt, SamplingParams())
+        r.output_ids, r.req_pool_idx, r.kv_len, r.extend_len = output, row, kv_len, extend_len
+        return r
+
+    reqs = [
+        req("a", [5, 6, 7, 8], [9, 10], 3, 2, 3),  # a chunk across the prompt/output boundary: 7 8 9
+        req("b", [1, 2], [3], 0, 2, 1),  # a decode step: 3
+        req("c", [4, 4, 4, 4, 11], [], 1, 0, 5),  # a fresh prefill
+    ]
+    batch = ScheduleBatch(reqs, ForwardMode.EXTEND, torch.arange(100, 109), torch.arange(200, 209))
+    table, swa = torch.zeros(4, 8, dtype=torch.int64), torch.zeros(4, 8, dtype=torch.int64)
+    batch.write_req_to_token(table, swa)
+    expected, expected_swa, offset = torch.zeros_like(table), torch.zeros_like(swa), 0
+    for r in reqs:
+        cols = slice(r.kv_len, r.kv_len + r.extend_len)
+        expected[r.req_pool_idx, cols] = torch.arange(100, 109)[offset : offset + r.extend_len]
+        expected_swa[r.req_pool_idx, cols] = torch.arange(200, 209)[offset : offset + r.extend_len]
+        offset += r.extend_len
+    assert torch.equal(table, expected) and torch.equal(swa, expected_swa)
+
+    fb = batch.to_forward_batch("cpu")
+    assert fb.input_ids.tolist() == [7, 8, 9, 3, 4, 4, 4, 4, 11]
+    assert fb.positions.tolist() == [2, 3, 4, 2, 0, 1, 2, 3, 4]
+    assert fb.req_pool_indices.tolist() == [3, 0, 1]
+    assert fb.seq_lens.tolist() == fb.seq_lens_cpu == [5, 3, 5]
+    assert fb.extend_seq_lens.tolist() == fb.extend_seq_lens_cpu == [3, 1, 5]
+    for r in reqs:
+        n = len(r.fill_ids)
+        assert all(r.fill_slice(lo, hi) == r.fill_ids[lo:hi] for lo in range(n + 1) for hi in range(lo, n + 1))
+
+
+def test_scheduler_host_benchmark_drives_the_real_scheduler():
+    # benchmark/bench_scheduler_host.py's stub runner keeps up with the Scheduler's runner contract.
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark"))
+    import bench_scheduler_host
+
+    times = bench_scheduler_host.decode_step_times("cpu", batch=3, input_len=40, steps=25, vocab=64)
+    assert len(times) == 25 and all(t > 0 for t in times)

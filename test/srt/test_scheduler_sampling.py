@@ -29,6 +29,14 @@ def test_greedy_is_argmax_and_mixes_with_sampling():
     assert out.next_token_ids[0] == logits[0].argmax() and out.next_token_ids[2] == logits[2].argmax()
 
 
+def test_all_greedy_batch_is_argmax_without_sampling_tensors():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    reqs = [req(temperature=0), req(top_k=1, temperature=0)] * 2
+    info = SamplingBatchInfo.from_reqs(reqs, 50, "cpu")
+    assert info.all_greedy and info.temperatures is None and info.uniforms is None
+    assert torch.equal(Sampler()(logits, info).next_token_ids, logits.argmax(-1))
+
+
 def test_top_k_top_p_min_p_restrict_the_support():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
     def support(**params):

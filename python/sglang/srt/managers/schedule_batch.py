@@ -113,6 +113,15 @@ class Req:
     def fill_ids(self) -> list[int]:
         return self.origin_input_ids + self.output_ids
 
+    def fill_slice(self, lo: int, hi: int) -> list[int]:
+        """fill_ids[lo:hi] without building fill_ids (a copy of the whole sequence per step)."""
+        n = len(self.origin_input_ids)
+        if hi <= n:
+            return self.origin_input_ids[lo:hi]
+        if lo >= n:
+            return self.output_ids[lo - n : hi - n]
+        return self.origin_input_ids[lo:] + self.output_ids[: hi - n]
+
     @property
     def seq_len(self) -> int:
         return len(self.origin_input_ids) + len(self.output_ids)
@@ -165,31 +174,40 @@ class ScheduleBatch:
         return sum(r.extend_len for r in self.reqs)
 
     def write_req_to_token(self, req_to_token: torch.Tensor, req_to_swa_token: torch.Tensor | None = None) -> None:
-        """Record each new token's slot (and swa slot) in its request's row, before the forward reads it."""
-        offset = 0
+        """Record each new token's slot (and swa slot) in its request's row, before the forward reads it.
+        One scatter per table: an assignment per request would cost a kernel launch each."""
+        rows, cols = self._new_token_cells().to(req_to_token.device)
+        req_to_token[rows, cols] = self.out_cache_loc
+        if req_to_swa_token is not None:
+            req_to_swa_token[rows, cols] = self.swa_out_cache_loc
+
+    def _new_token_cells(self) -> torch.Tensor:
+        """[2, tokens] on the host: the table row and column of every new token, in batch order."""
+        rows, cols = [], []
         for r in self.reqs:
-            cols = slice(r.kv_len, r.kv_len + r.extend_len)
-            req_to_token[r.req_pool_idx, cols] = self.out_cache_loc[offset : offset + r.extend_len]
-            if req_to_swa_token is not None:
-                req_to_swa_token[r.req_pool_idx, cols] = self.swa_out_cache_loc[offset : offset + r.extend_len]
-            offset += r.extend_len
+            rows += [r.req_pool_idx] * r.extend_len
+            cols += range(r.kv_len, r.kv_len + r.extend_len)
+        return torch.tensor([rows, cols], dtype=torch.int64)
 
     def to_forward_batch(self, device: str | torch.device) -> ForwardBatch:
         input_ids, positions = [], []
         for r in self.reqs:
-            fill = r.fill_ids
-            input_ids.extend(fill[r.kv_len : r.kv_len + r.extend_len])
+            input_ids.extend(r.fill_slice(r.kv_len, r.kv_len + r.extend_len))
             positions.extend(range(r.kv_len, r.kv_len + r.extend_len))
         seq_lens = [r.kv_len + r.extend_len for r in self.reqs]
         extend_lens = [r.extend_len for r in self.reqs]
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        rows = [r.req_pool_idx for r in self.reqs]
+        # One host-to-device copy for all five index lists.
+        packed = torch.tensor(input_ids + positions + rows + seq_lens + extend_lens, dtype=torch.int64).to(device)
+        n, b = len(input_ids), len(self.reqs)
+        ids_t, positions_t, rows_t, seq_lens_t, extend_lens_t = packed.split([n, n, b, b, b])
         return ForwardBatch(
             forward_mode=self.forward_mode,
-            input_ids=as_tensor(input_ids),
-            positions=as_tensor(positions),
-            req_pool_indices=as_tensor([r.req_pool_idx for r in self.reqs]),
-            seq_lens=as_tensor(seq_lens),
-            extend_seq_lens=as_tensor(extend_lens),
+            input_ids=ids_t,
+            positions=positions_t,
+            req_pool_indices=rows_t,
+            seq_lens=seq_lens_t,
+            extend_seq_lens=extend_lens_t,
             out_cache_loc=self.out_cache_loc.to(device),
             swa_out_cache_loc=None if self.swa_out_cache_loc is None else self.swa_out_cache_loc.to(device),
             seq_lens_cpu=seq_lens,

@@ -436,7 +436,9 @@ class Scheduler:
             self.stats["prefill_computed_tokens_total"] += batch.out_cache_loc.numel()
         sample_reqs = [batch.reqs[i] for i in sample_rows]
         if sample_reqs:
-            self._sample_and_append(sample_reqs, output.next_token_logits[sample_rows])
+            logits = output.next_token_logits
+            # Decode samples every row: indexing would copy the whole [B, vocab] logits.
+            self._sample_and_append(sample_reqs, logits if len(sample_rows) == len(logits) else logits[sample_rows])
         for req in sample_reqs:
             if req.finished():
                 if batch.forward_mode.is_decode():

@@ -9,18 +9,22 @@ import torch
 
 @dataclass
 class SamplingBatchInfo:
-    temperatures: torch.Tensor  # [B, 1] fp32; 1.0 on greedy rows so division stays finite
-    top_ps: torch.Tensor  # [B] fp32
-    top_ks: torch.Tensor  # [B] int64; the vocab size where top-k is off
-    min_ps: torch.Tensor  # [B] fp32
-    is_greedy: torch.Tensor  # [B] bool
-    uniforms: torch.Tensor  # [B] fp32, one draw per request from its own generator
+    # The tensors are None when every row is greedy (all_greedy).
+    temperatures: torch.Tensor | None  # [B, 1] fp32; 1.0 on greedy rows so division stays finite
+    top_ps: torch.Tensor | None  # [B] fp32
+    top_ks: torch.Tensor | None  # [B] int64; the vocab size where top-k is off
+    min_ps: torch.Tensor | None  # [B] fp32
+    is_greedy: torch.Tensor | None  # [B] bool
+    uniforms: torch.Tensor | None  # [B] fp32, one draw per request from its own generator
     all_greedy: bool
 
     @classmethod
     def from_reqs(cls, reqs: list, vocab_size: int, device: str | torch.device) -> "SamplingBatchInfo":
         params = [r.sampling_params for r in reqs]
         greedy = [p.is_greedy for p in params]
+        if all(greedy):
+            # The sampler only takes the argmax: skip six host-to-device copies per step.
+            return cls(*([None] * 6), all_greedy=True)
         # Every request draws exactly one uniform per sampled token from its own generator, so a
         # seeded request samples the same tokens whatever else shares its batch.
         uniforms = [0.0 if g else float(torch.rand((), generator=r.generator)) for r, g in zip(reqs, greedy)]
