@@ -113,8 +113,9 @@ def main() -> None:
     stepper.close()
 
     gpu_us, rows = _kernel_table(prof, args.steps)
-    graphs = "off" if args.disable_cuda_graph else "on"
-    print(f"\n{args.mode}: batch {args.batch_size}, input {args.input_len}, cuda graphs {graphs}")
+    graphs = "on" if runner.graph_runner is not None else "off"
+    kv = str(runner.kv_cache.dtype).removeprefix("torch.")
+    print(f"\n{args.mode}: batch {args.batch_size}, input {args.input_len}, cuda graphs {graphs}, kv cache {kv}")
     print(f"step wall (bench_one_batch view): median {statistics.median(step_s) * 1e3:.3f} ms")
     print(f"host time until forward returns:  median {statistics.median(host_s) * 1e3:.3f} ms")
     print(f"GPU kernel time per step (profiler): {gpu_us / 1e3:.3f} ms")
