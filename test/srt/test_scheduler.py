@@ -279,7 +279,7 @@ def test_schedule_batch_tables_and_inputs():
     the per-request definition says: row req_pool_idx, columns from kv_len, ids fill_ids[kv_len:]."""
     import torch
 
-    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch, write_req_to_token
 
     def req(rid, prompt, output, row, kv_len, extend_len):
         r = Req(rid, prompt, SamplingParams())
@@ -293,7 +293,7 @@ def test_schedule_batch_tables_and_inputs():
     ]
     batch = ScheduleBatch(reqs, ForwardMode.EXTEND, torch.arange(100, 109), torch.arange(200, 209))
     table, swa = torch.zeros(4, 8, dtype=torch.int64), torch.zeros(4, 8, dtype=torch.int64)
-    batch.write_req_to_token(table, swa)
+    write_req_to_token(batch.to_forward_batch("cpu"), table, swa)
     expected, expected_swa, offset = torch.zeros_like(table), torch.zeros_like(swa), 0
     for r in reqs:
         cols = slice(r.kv_len, r.kv_len + r.extend_len)

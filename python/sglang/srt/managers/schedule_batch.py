@@ -173,22 +173,6 @@ class ScheduleBatch:
     def input_token_count(self) -> int:
         return sum(r.extend_len for r in self.reqs)
 
-    def write_req_to_token(self, req_to_token: torch.Tensor, req_to_swa_token: torch.Tensor | None = None) -> None:
-        """Record each new token's slot (and swa slot) in its request's row, before the forward reads it.
-        One scatter per table: an assignment per request would cost a kernel launch each."""
-        rows, cols = self._new_token_cells().to(req_to_token.device)
-        req_to_token[rows, cols] = self.out_cache_loc
-        if req_to_swa_token is not None:
-            req_to_swa_token[rows, cols] = self.swa_out_cache_loc
-
-    def _new_token_cells(self) -> torch.Tensor:
-        """[2, tokens] on the host: the table row and column of every new token, in batch order."""
-        rows, cols = [], []
-        for r in self.reqs:
-            rows += [r.req_pool_idx] * r.extend_len
-            cols += range(r.kv_len, r.kv_len + r.extend_len)
-        return torch.tensor([rows, cols], dtype=torch.int64)
-
     def to_forward_batch(self, device: str | torch.device) -> ForwardBatch:
         input_ids, positions = [], []
         for r in self.reqs:
@@ -219,3 +203,13 @@ class ScheduleBatch:
         for r in self.reqs:
             r.kv_len += r.extend_len
             r.extend_len = 0
+
+
+def write_req_to_token(fb: ForwardBatch, req_to_token: torch.Tensor, req_to_swa_token: torch.Tensor | None = None) -> None:
+    """Record each new token's slot (and swa slot) in its request's row, before the forward reads it.
+    A new token's column is its position. One scatter per table: an assignment per request would
+    cost a kernel launch each."""
+    rows = fb.req_pool_indices.repeat_interleave(fb.extend_seq_lens, output_size=fb.positions.numel())
+    req_to_token[rows, fb.positions] = fb.out_cache_loc
+    if req_to_swa_token is not None:
+        req_to_swa_token[rows, fb.positions] = fb.swa_out_cache_loc

@@ -47,7 +47,7 @@ from sglang.srt.managers.io_struct import (
     SchedulerCrashed,
     TokenizedGenerateReqInput,
 )
-from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req, ScheduleBatch
+from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req, ScheduleBatch, write_req_to_token
 from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, SwaPolicy, order_waiting_queue
 from sglang.srt.mem_cache.memory_pool import free_swa_outside_window
 from sglang.srt.mem_cache.radix_cache import RadixCache
@@ -427,9 +427,10 @@ class Scheduler:
 
     def run_batch(self, batch: ScheduleBatch) -> None:
         batch.out_cache_loc, batch.swa_out_cache_loc = self._alloc_slots(batch.input_token_count(), batch.reqs)
-        batch.write_req_to_token(self.req_to_token_pool.req_to_token, self.req_to_token_pool.req_to_swa_token)
+        fb = batch.to_forward_batch(self.device)
+        write_req_to_token(fb, self.req_to_token_pool.req_to_token, self.req_to_token_pool.req_to_swa_token)
         sample_rows = [i for i, r in enumerate(batch.reqs) if r.is_prefill_done_after_step()]
-        output = self.model_runner.forward(batch.to_forward_batch(self.device))
+        output = self.model_runner.forward(fb)
         batch.commit()
         self.stats["forward_steps"] += 1
         if batch.forward_mode.is_extend():

@@ -150,7 +150,7 @@ class KVCache:
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         # fp8 saturates: torch's CUDA cast turns |x| >= 464 into NaN (its CPU cast saturates), and one
         # NaN in the cache would poison every later attention over it.
-        if self.dtype.itemsize == 1:
+        if self.dtype == torch.float8_e4m3fn:
             x = x.clamp(-torch.finfo(self.dtype).max, torch.finfo(self.dtype).max)
         return x.to(self.dtype)
 
