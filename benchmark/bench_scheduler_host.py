@@ -6,7 +6,11 @@ runs the real Scheduler over a stub model runner whose forward returns constant 
 the measured time is the scheduler's own: `batch` greedy requests of `--input-len` prompt tokens,
 decoding in lockstep, streaming.
 
-    python benchmark/bench_scheduler_host.py --batch-size 1 64 [--device cuda] [--vocab 1024]
+With `--gpu-step-us T` (CUDA) the stub's forward also keeps the GPU busy for T us (a spin kernel), as
+a real step would, and the step time is reported with the overlapped scheduler and without it: sync
+costs host + T, overlap should cost max(host, T).
+
+    python benchmark/bench_scheduler_host.py --batch-size 1 64 [--device cuda] [--vocab 1024] [--gpu-step-us 3400]
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from sglang.srt.model_executor.forward_batch_info import LogitsProcessorOutput
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import ServerArgs
 
+
 class StubModelRunner:
     """ModelRunner's attributes and forward contract; forward returns a preset logits tensor."""
 
-    def __init__(self, device: str, max_running: int, context_len: int, window: int, vocab: int):
+    def __init__(self, device: str, max_running: int, context_len: int, window: int, vocab: int, gpu_cycles: int = 0):
+        self.gpu_cycles = gpu_cycles
         tokens = max_running * context_len
         self.device = device
         self.model_config = SimpleNamespace(
@@ -48,13 +54,27 @@ class StubModelRunner:
         self.logits[:, 7] = 1.0
 
     def forward(self, fb) -> LogitsProcessorOutput:
+        if self.gpu_cycles:
+            torch.cuda._sleep(self.gpu_cycles)
         return LogitsProcessorOutput(next_token_logits=self.logits[: fb.batch_size])
 
 
-def decode_step_times(device: str, batch: int, input_len: int, steps: int, vocab: int) -> list[float]:
+def spin_cycles_per_us() -> float:
+    """GPU clock cycles per microsecond, as torch.cuda._sleep counts them."""
+    torch.cuda._sleep(1_000_000)  # clocks up
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    torch.cuda._sleep(10_000_000)
+    t1.record()
+    torch.cuda.synchronize()
+    return 10_000_000 / (t0.elapsed_time(t1) * 1e3)
+
+
+def decode_step_times(device: str, batch: int, input_len: int, steps: int, vocab: int, gpu_cycles: int = 0, overlap: bool = False) -> list[float]:
     args = {f.name: f.default for f in dataclasses.fields(ServerArgs) if f.default is not dataclasses.MISSING}
     args.update(model_path="stub", chunked_prefill_size=-1, skip_tokenizer_init=True, max_prefill_tokens=1 << 30)
-    runner = StubModelRunner(device, batch, input_len + steps + 64, window=min(1024, input_len), vocab=vocab)
+    args.update(disable_overlap_schedule=not overlap)
+    runner = StubModelRunner(device, batch, input_len + steps + 64, window=min(1024, input_len), vocab=vocab, gpu_cycles=gpu_cycles)
     sched = Scheduler(SimpleNamespace(**args), model_runner=runner)
     prompt = list(range(2, input_len + 2))
     for i in range(batch):
@@ -64,7 +84,7 @@ def decode_step_times(device: str, batch: int, input_len: int, steps: int, vocab
         sched.step()
     times = []
     for _ in range(steps):
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and not (gpu_cycles or overlap):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         sched.step()
@@ -81,11 +101,18 @@ def main() -> None:
     # Gemma 4's vocab by default; on the CPU the sampler's argmax over it is real compute that a GPU
     # does in microseconds, so a small vocab isolates the Python side there.
     ap.add_argument("--vocab", type=int, default=262144)
+    ap.add_argument("--gpu-step-us", type=float, default=0.0, help="GPU time of the stub's forward (CUDA only)")
     args = ap.parse_args()
     for bs in args.batch_size:
         times = decode_step_times(args.device, bs, args.input_len, args.steps, args.vocab)[20:]  # after warm-up
         print(f"{args.device} batch {bs}: scheduler decode step host time median {1e6 * statistics.median(times):.0f} us "
               f"(p90 {1e6 * sorted(times)[int(0.9 * len(times))]:.0f} us)", flush=True)  # fmt: skip
+        if args.gpu_step_us > 0:
+            cycles = int(args.gpu_step_us * spin_cycles_per_us())
+            for overlap in (False, True):
+                t = decode_step_times(args.device, bs, args.input_len, args.steps, args.vocab, cycles, overlap)[20:]
+                print(f"  with {args.gpu_step_us:.0f} us of GPU work per step, {'overlap' if overlap else 'sync   '}: "
+                      f"step {1e6 * statistics.median(t):.0f} us", flush=True)
 
 
 if __name__ == "__main__":

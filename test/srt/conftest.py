@@ -219,3 +219,14 @@ def reference_continuation(prompt: list[int], n: int, vocab_size: int = 97) -> l
         out.append(t)
         seq.append(t)
     return out
+
+
+@pytest.fixture(params=["sync", "overlap"])
+def overlap_mode(request, monkeypatch):
+    """Run a scheduler test both ways: finishing each step before the next, and with the next decode
+    launched before the previous results are read (the CUDA default), here forced on the CPU."""
+    from sglang.srt.managers.scheduler import Scheduler
+
+    if request.param == "overlap":
+        monkeypatch.setattr(Scheduler, "OVERLAP_DEVICE_TYPES", ("cuda", "cpu"))
+    return request.param

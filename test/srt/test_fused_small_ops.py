@@ -377,6 +377,32 @@ def test_softcap_logits(dtype):
     assert_matches(out, ref)
 
 
+@pytest.mark.parametrize("n, k", [(37, 100), (130, 2112), (9, 64)])
+@pytest.mark.parametrize("config", [None, (4, 64, 4, 2), (8, 128, 4, 3)])
+def test_gemv_single_row(n, k, config):
+    """The batch-1 dense GEMV through the linear layers' dispatch (one bf16 row), with the shape's
+    default tiles and with forced ones (K multiple of the block or not, N not a multiple)."""
+    from sglang.srt.layers.linear import dense_linear
+    from sglang.srt.layers.triton_ops.gemv import gemv
+
+    gen = _gen(11)
+    weight = _randn(gen, n, k, dtype=torch.bfloat16, scale=0.1)
+    x = _randn(gen, 1, k, dtype=torch.bfloat16)
+    out, ref = both(dense_linear, x, weight)
+    assert_matches(out, ref)
+    assert_matches(gemv(x, weight, config), ref)
+
+
+def test_gemv_is_used_only_where_it_applies():
+    from sglang.srt.layers.triton_ops.gemv import supports
+
+    w = torch.empty(16, 32, dtype=torch.bfloat16)
+    assert supports(torch.empty(1, 32, dtype=torch.bfloat16), w)
+    assert not supports(torch.empty(2, 32, dtype=torch.bfloat16), w)  # two rows: cuBLAS
+    assert not supports(torch.empty(1, 32), w.float())  # fp32
+    assert not supports(torch.empty(1, 32, dtype=torch.bfloat16), w.t().contiguous().t()[:, :32][:16])  # K-strided
+
+
 # ---- the whole model ---------------------------------------------------------------------------
 
 
@@ -439,7 +465,7 @@ def _compile_for_sm90() -> None:
     from triton.compiler import ASTSource
 
     from sglang.srt.layers.triton_ops import (
-        ffn_combine, gelu_and_mul, post_attention_norms, qkv_norm_rope, rmsnorm, router_topk, softcap,
+        ffn_combine, gelu_and_mul, gemv, post_attention_norms, qkv_norm_rope, rmsnorm, router_topk, softcap,
     )  # fmt: skip
 
     bf, f32, i32 = "*bf16", "fp32", "i32"
@@ -481,6 +507,9 @@ def _compile_for_sm90() -> None:
         num_experts=i32,
     )  # fmt: skip
     compile_one(router_topk._router_topk_kernel, topk, {"HAS_SCALE": True, "TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8}, 1)
+    gemv_args = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N=i32, K=i32, stride_wn=i32)
+    for block_n, block_k in ((8, 256), (4, 1024)):
+        compile_one(gemv._gemv_kernel, gemv_args, {"BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": False}, 4)
 
 
 def _ptxas_available() -> bool:

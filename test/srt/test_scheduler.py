@@ -7,6 +7,7 @@ import dataclasses
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from conftest import FakeModelRunner, reference_continuation
 from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
@@ -14,6 +15,8 @@ from sglang.srt.managers.scheduler import Scheduler, init_moe_gemm_config
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import ServerArgs
+
+pytestmark = pytest.mark.usefixtures("overlap_mode")
 
 
 def make_args(**overrides) -> SimpleNamespace:
@@ -191,14 +194,44 @@ def test_abort_waiting_running_and_chunked_requests_frees_everything():
     submit(s, "run", prompt(10), max_new=100)
     submit(s, "chunk", prompt(11, 60), max_new=100)
     submit(s, "wait", prompt(12), max_new=100)
-    for _ in range(3):
+    for _ in range(6):  # with overlap, "run" joins the running list a step later
         s.step()
+        if s.chunked_req is not None and s.running_reqs and s.waiting_queue:
+            break
     assert s.chunked_req is not None and s.running_reqs and s.waiting_queue
     for rid in ("wait", "chunk", "run"):
         s.abort_request(rid)
     outs = {o.rid: o for o in s.step()}
     assert {rid: o.finished_reason["type"] for rid, o in outs.items()} == {"wait": "abort", "chunk": "abort", "run": "abort"}
     assert s.is_idle()
+    assert_pool_clean(s)
+
+
+def test_abort_of_a_request_whose_prefill_is_in_flight(overlap_mode):
+    s = make_scheduler()
+    submit(s, "a", prompt(0), max_new=50, stream=True)
+    submit(s, "b", prompt(1), max_new=5)
+    s.step()
+    s.abort_request("a")  # with overlap its prefill has been launched but not processed yet
+    res = run_to_completion(s)
+    assert res["a"]["last"].finished_reason["type"] == "abort"
+    assert res["b"]["ids"] == reference_continuation(prompt(1), 5)
+    assert_pool_clean(s)
+
+
+def test_overlap_launches_the_next_decode_before_reading_the_last(overlap_mode):
+    """Same tokens either way; with overlap, decode steps run one ahead, so a request stopped by EOS
+    costs one extra step (dropped), and one stopped by its length costs none."""
+    ref = reference_continuation(prompt(13), 10)
+    s = make_scheduler(runner_kw={"eos": ref[4]})
+    submit(s, "eos", prompt(13), max_new=10)
+    submit(s, "len", prompt(14), max_new=3)
+    res = run_to_completion(s)
+    assert res["eos"]["ids"] == ref[:5] and res["len"]["ids"] == reference_continuation(prompt(14), 3)
+    decode_sizes = [len(lens) for m, lens in s.model_runner.forward_calls if m == ForwardMode.DECODE]
+    # sync: 2 requests x 2 steps, then "eos" alone 2 more; overlap: "eos" decodes once more (dropped)
+    assert decode_sizes == ([2, 2, 1, 1] if overlap_mode == "sync" else [2, 2, 1, 1, 1])
+    assert s.stats["generation_tokens_total"] == 8
     assert_pool_clean(s)
 
 
@@ -323,3 +356,41 @@ def test_scheduler_host_benchmark_drives_the_real_scheduler():
 
     times = bench_scheduler_host.decode_step_times("cpu", batch=3, input_len=40, steps=25, vocab=64)
     assert len(times) == 25 and all(t > 0 for t in times)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlap_on_gpu_matches_sync_and_never_waits_for_the_gpu(tmp_path):
+    """The real model on the GPU: overlapped and synchronous scheduling give the same tokens, and a
+    decode launched ahead does nothing that waits for the step in flight (sync debug mode raises)."""
+    from sglang.test.make_gemma4_checkpoint import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "ck", "nvfp4-per-expert", seed=7)
+    common = dict(model_path=str(path), dtype="float32", device="cuda", cuda_graph_max_bs=8, max_total_tokens=4096, skip_tokenizer_init=True)
+    results, ahead_launches = {}, []
+    for mode in ("sync", "overlap"):
+        s = Scheduler(ServerArgs(**common, disable_overlap_schedule=mode == "sync"))
+        assert s.overlap == (mode == "overlap")
+        launch = s.launch_batch
+
+        def strict_launch(batch, input_ids=None):
+            if input_ids is None:
+                return launch(batch)
+            ahead_launches.append(len(batch.reqs))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(batch, input_ids)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        s.launch_batch = strict_launch
+        for i, n in enumerate((11, 5, 17)):
+            submit(s, f"g{i}", [120 + (7 * i + j) % 500 for j in range(n)], max_new=12 + 4 * i)
+        sp = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=3)
+        s.add_request(TokenizedGenerateReqInput("sampled", list(range(200, 230)), sp))
+        results[mode] = {rid: r["ids"] for rid, r in run_to_completion(s).items()}
+        assert s.check_memory() and s.kv_used_tokens() == 0
+        # every request row back, but the one the CUDA graphs keep for their padding rows
+        assert s.req_to_token_pool.available_size() == s.req_to_token_pool.size - 1
+        del s
+    assert results["overlap"] == results["sync"]
+    assert len(ahead_launches) >= 20  # the decode steps really ran ahead

@@ -11,6 +11,8 @@ from sglang.srt.layers.sampler import Sampler
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglang.srt.sampling.sampling_params import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("overlap_mode")
+
 
 def req(seed=None, **params):
     p = SamplingParams(seed=seed, **params)

@@ -145,7 +145,7 @@ def assert_both_pools_clean(s: Scheduler) -> None:
     assert s.allocator.available_size() == s.max_total_num_tokens and s.swa_allocator.available_size() == s.swa_allocator.size
 
 
-def test_many_long_requests_with_a_tiny_swa_pool():
+def test_many_long_requests_with_a_tiny_swa_pool(overlap_mode):
     # 10 requests x (70 prompt + 20 output) = 900 tokens; the swa pool holds 48.
     s = hybrid_scheduler(full=2048, swa=48, chunked_prefill_size=16)
     for i in range(10):
@@ -157,7 +157,7 @@ def test_many_long_requests_with_a_tiny_swa_pool():
     assert_both_pools_clean(s)
 
 
-def test_long_prompt_without_chunking_is_chunked_to_fit_the_swa_pool():
+def test_long_prompt_without_chunking_is_chunked_to_fit_the_swa_pool(overlap_mode):
     s = hybrid_scheduler(swa=40, chunked_prefill_size=-1)
     assert s.chunked_prefill_size == 40 - W
     submit(s, "long", prompt(3, 150), max_new=5)
@@ -165,7 +165,7 @@ def test_long_prompt_without_chunking_is_chunked_to_fit_the_swa_pool():
     assert_both_pools_clean(s)
 
 
-def test_prefix_reuse_reports_cached_tokens_only_where_the_window_is_held():
+def test_prefix_reuse_reports_cached_tokens_only_where_the_window_is_held(overlap_mode):
     a = prompt(20, 60)
     # Roomy swa pool: nothing is reclaimed, so every prefix of a finished request is reusable.
     roomy = hybrid_scheduler(swa=512)
@@ -190,7 +190,7 @@ def test_prefix_reuse_reports_cached_tokens_only_where_the_window_is_held():
     assert_both_pools_clean(tight)
 
 
-def test_retraction_and_abort_free_both_pools():
+def test_retraction_and_abort_free_both_pools(overlap_mode):
     s = hybrid_scheduler(full=160, swa=40, schedule_conservativeness=0.3, chunked_prefill_size=16)
     for i in range(8):
         submit(s, f"r{i}", prompt(i, 30), max_new=30)
@@ -210,7 +210,7 @@ def test_retraction_and_abort_free_both_pools():
     assert_both_pools_clean(s)
 
 
-def test_lone_request_drops_a_prefix_whose_pinned_windows_do_not_fit():
+def test_lone_request_drops_a_prefix_whose_pinned_windows_do_not_fit(overlap_mode):
     # t1's last window stays in the tree; locked as t2's prefix it leaves 24 - 7 swa slots, less
     # than t2's window + chunk (7 + 16), so t2 (alone) runs without the prefix instead of waiting.
     s = hybrid_scheduler(swa=W + 16, chunked_prefill_size=16)
@@ -292,7 +292,7 @@ def test_long_request_same_logits_with_and_without_hybrid_pool(tiny_ckpt, backen
     assert on_runner.swa_allocator.available_size() == on_runner.swa_allocator.size
 
 
-def test_scheduler_with_real_model_chunked_prefill_under_swa_pressure(tiny_ckpt):
+def test_scheduler_with_real_model_chunked_prefill_under_swa_pressure(tiny_ckpt, overlap_mode):
     """Extend over a prefix whose early swa slots were reclaimed (chunks of 12 over W = 8), via the
     triton extend kernel, equals the single-pool run."""
     prompts = {f"r{i}": [60 + (5 * j + 11 * i) % 250 for j in range(37 + 9 * i)] for i in range(3)}

@@ -25,6 +25,19 @@ def get_device_sm() -> int:
     return major * 10 + minor
 
 
+def to_device(host, device):
+    """A CPU tensor on `device` without blocking the host: on CUDA it goes through pinned memory with
+    an async copy. A plain `.to("cuda")` waits for the GPU to drain the stream, which would stall the
+    overlapped scheduler behind the step in flight. torch's pinned-memory cache keeps the staging
+    buffer until the copy has run, so the caller may drop `host` at once."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def is_cuda_available() -> bool:
     import torch
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sglang.srt.layers.triton_ops import fused_ops_enabled
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase, new_param
 
 
@@ -22,12 +23,23 @@ def check_shape(name: str, expected: tuple, loaded: torch.Tensor) -> None:
         raise WeightShapeError(f"{name}: expected shape {tuple(expected)}, got {tuple(loaded.shape)}")
 
 
+def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T: our Triton GEMV for one bf16 row on the GPU (batch-1 decode, where cuBLAS
+    leaves bandwidth unused), cuBLAS / torch otherwise."""
+    if x.dim() == 2 and x.shape[0] == 1 and fused_ops_enabled(x):
+        from sglang.srt.layers.triton_ops.gemv import gemv, supports
+
+        if supports(x, weight):
+            return gemv(x, weight)
+    return F.linear(x, weight)
+
+
 class UnquantizedLinearMethod(QuantizeMethodBase):
     def create_weights(self, layer, input_size: int, output_size: int, params_dtype: torch.dtype, **_):
         layer.weight = new_param((output_size, input_size), params_dtype, output_dim=0, weight_loader=layer.weight_loader)
 
     def apply(self, layer, x):
-        return F.linear(x, layer.weight)
+        return dense_linear(x, layer.weight)
 
 
 class LinearBase(torch.nn.Module):

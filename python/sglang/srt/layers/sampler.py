@@ -19,6 +19,29 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None  # [B] fp32, log p(chosen token) under the raw model distribution
     top_logprobs: torch.Tensor | None = None  # [B, K] fp32
     top_logprob_ids: torch.Tensor | None = None  # [B, K] int64
+    copied: torch.cuda.Event | None = None  # set by to_host_async: the host copies are valid once it fires
+
+    def to_host_async(self) -> "SamplerOutput":
+        """These results copied into pinned host memory without waiting for them; call `wait()`
+        before reading. The overlapped scheduler copies right after sampling: a copy requested
+        later would queue behind the next step, launched meanwhile on the same stream."""
+        if self.next_token_ids.device.type != "cuda":
+            return self
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        event = torch.cuda.Event()
+        out = SamplerOutput(*(copy(t) for t in (self.next_token_ids, self.logprobs, self.top_logprobs, self.top_logprob_ids)), copied=event)
+        event.record()
+        return out
+
+    def wait(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
 
 
 class Sampler:

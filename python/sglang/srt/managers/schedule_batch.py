@@ -19,6 +19,7 @@ import torch
 
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.utils import to_device
 
 _EMPTY = torch.empty((0,), dtype=torch.int64)
 
@@ -173,21 +174,24 @@ class ScheduleBatch:
     def input_token_count(self) -> int:
         return sum(r.extend_len for r in self.reqs)
 
-    def to_forward_batch(self, device: str | torch.device) -> ForwardBatch:
-        input_ids, positions = [], []
+    def to_forward_batch(self, device: str | torch.device, input_ids: torch.Tensor | None = None) -> ForwardBatch:
+        """`input_ids` (on `device`) replaces the host token ids: the overlapped scheduler launches a
+        decode step whose inputs are the previous step's samples, not yet read back."""
+        host_ids, positions = [], []
         for r in self.reqs:
-            input_ids.extend(r.fill_slice(r.kv_len, r.kv_len + r.extend_len))
+            if input_ids is None:
+                host_ids.extend(r.fill_slice(r.kv_len, r.kv_len + r.extend_len))
             positions.extend(range(r.kv_len, r.kv_len + r.extend_len))
         seq_lens = [r.kv_len + r.extend_len for r in self.reqs]
         extend_lens = [r.extend_len for r in self.reqs]
         rows = [r.req_pool_idx for r in self.reqs]
-        # One host-to-device copy for all five index lists.
-        packed = torch.tensor(input_ids + positions + rows + seq_lens + extend_lens, dtype=torch.int64).to(device)
-        n, b = len(input_ids), len(self.reqs)
-        ids_t, positions_t, rows_t, seq_lens_t, extend_lens_t = packed.split([n, n, b, b, b])
+        # One host-to-device copy for all the index lists.
+        packed = to_device(torch.tensor(host_ids + positions + rows + seq_lens + extend_lens, dtype=torch.int64), device)
+        n, b = len(positions), len(self.reqs)
+        ids_t, positions_t, rows_t, seq_lens_t, extend_lens_t = packed.split([len(host_ids), n, b, b, b])
         return ForwardBatch(
             forward_mode=self.forward_mode,
-            input_ids=ids_t,
+            input_ids=ids_t if input_ids is None else input_ids,
             positions=positions_t,
             req_pool_indices=rows_t,
             seq_lens=seq_lens_t,

@@ -19,6 +19,15 @@ stay reusable). Admission (`SwaPolicy`: pinned window + one step), `_can_alloc` 
 eviction count both pools, reclaimable slots as free; prompts are chunked to at most swa pool - W
 tokens so one request always fits. The tree only offers prefixes whose last window is held (see
 radix_cache). Nothing else changes: outputs are the same with and without the hybrid pool.
+
+Overlap (on CUDA unless `--disable-overlap-schedule`): a step is launched and its sampled tokens are
+read back only in the next `step()`. When the step in flight is a decode and nothing waits for
+prefill, the next decode is launched first, its input ids being the in-flight step's samples still on
+the GPU, and only then are the in-flight results read and processed: the host's bookkeeping (and the
+graph launch) runs while the GPU computes. A request that turns out to have finished in the earlier
+step (EOS, stop) has one extra token computed; it is dropped, and that token's KV goes to the tree
+with the rest. Requests that will finish by length are left out of the speculative step. Every GPU
+op is on one stream, so slots freed meanwhile are reused only after the step in flight is done.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from typing import Any
 
 import torch
 
-from sglang.srt.layers.sampler import Sampler
+from sglang.srt.layers.sampler import Sampler, SamplerOutput
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -53,6 +62,7 @@ from sglang.srt.mem_cache.memory_pool import free_swa_outside_window
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+from sglang.srt.utils import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +121,20 @@ def sampling_defaults(model_config) -> dict:
 # ------------------------------------------------------------------ scheduler
 
 
+@dataclass
+class InflightStep:
+    """A launched step whose samples (still on the device) have not been read back."""
+
+    batch: ScheduleBatch
+    sample_reqs: list[Req]
+    sampled: SamplerOutput | None  # on the device: a decode launched ahead takes its input ids here
+    sampled_host: SamplerOutput | None  # the same, being copied to the host
+
+
 class Scheduler:
+    # Overlap pays only where the device runs asynchronously to the host (tests add "cpu").
+    OVERLAP_DEVICE_TYPES = ("cuda",)
+
     def __init__(self, server_args, model_runner=None, tokenizer=None):
         self.server_args = server_args
         if model_runner is None:
@@ -146,6 +169,9 @@ class Scheduler:
         self.generation_defaults = sampling_defaults(self.model_config)
         self.moe_gemm_config = init_moe_gemm_config(self.model_config.hf_config)
         self.sampler = Sampler()
+        device_type = torch.device(self.device).type
+        self.overlap = device_type in self.OVERLAP_DEVICE_TYPES and not server_args.disable_overlap_schedule
+        self.inflight: InflightStep | None = None
 
         self.waiting_queue: list[Req] = []
         self.running_reqs: list[Req] = []
@@ -266,20 +292,61 @@ class Scheduler:
             req, self.chunked_req = self.chunked_req, None
             self._release(req)
             self._finish(req, FINISH_ABORT())
+            return
+        # A prefill in flight: its requests are in no list until its results are processed.
+        for req in self.inflight.batch.reqs if self.inflight is not None else ():
+            if req.rid == rid:
+                req.to_abort = FINISH_ABORT()
 
     # -------------------------------------------------------------- stepping
     def is_idle(self) -> bool:
-        return not self.waiting_queue and not self.running_reqs and self.chunked_req is None
+        return not self.waiting_queue and not self.running_reqs and self.chunked_req is None and self.inflight is None
 
     def step(self) -> list[ReqOutput]:
-        """Run at most one model step; return the outputs produced since the last call."""
-        batch = self.get_next_batch_to_run()
-        if batch is not None:
-            self.run_batch(batch)
-        elif self.is_idle():
-            self.check_memory()
+        """Run at most one model step (launch one, finish one with overlap); return the outputs
+        produced since the last call."""
+        if self.overlap:
+            self._step_overlapped()
+        else:
+            batch = self.get_next_batch_to_run()
+            if batch is not None:
+                self.run_batch(batch)
+            elif self.is_idle():
+                self.check_memory()
         outputs, self.outbox = self.outbox, []
         return outputs
+
+    def _step_overlapped(self) -> None:
+        prev, self.inflight = self.inflight, None
+        ahead = self._decode_ahead(prev) if prev is not None else None
+        if ahead is not None:
+            batch, input_ids = ahead
+            self.inflight = self.launch_batch(batch, input_ids)
+        if prev is not None:
+            self.process_batch_result(prev)
+        if self.inflight is None:
+            batch = self.get_next_batch_to_run()
+            if batch is not None:
+                self.inflight = self.launch_batch(batch)
+            elif self.is_idle():
+                self.check_memory()
+
+    def _decode_ahead(self, prev: InflightStep) -> tuple[ScheduleBatch, torch.Tensor] | None:
+        """The decode step after `prev` and its input ids (prev's samples, on the device), when it
+        can be launched before prev's results are known: prev decoded, no prefill is due, and the
+        slots fit without retracting."""
+        if not prev.batch.forward_mode.is_decode() or self.waiting_queue or self.chunked_req is not None:
+            return None
+        # prev's token is the last one for requests at their length limit; aborted ones are gone.
+        running = {id(r) for r in self.running_reqs}
+        keep = [i for i, r in enumerate(prev.sample_reqs)
+                if id(r) in running and len(r.output_ids) + 1 < r.sampling_params.max_new_tokens]  # fmt: skip
+        if not keep or not self._can_alloc(len(keep)):
+            return None
+        ids = prev.sampled.next_token_ids
+        if len(keep) < len(prev.sample_reqs):
+            ids = ids[to_device(torch.tensor(keep), ids.device)]
+        return self._decode_batch([prev.sample_reqs[i] for i in keep]), ids
 
     def get_next_batch_to_run(self) -> ScheduleBatch | None:
         batch = self.get_new_batch_prefill()
@@ -357,10 +424,13 @@ class Scheduler:
         self.retract_until_fits()
         if not self.running_reqs:
             return None
-        for req in self.running_reqs:
+        return self._decode_batch(list(self.running_reqs))
+
+    def _decode_batch(self, reqs: list[Req]) -> ScheduleBatch:
+        for req in reqs:
             req.extend_len = 1
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - self.ratio_decay)
-        return ScheduleBatch(list(self.running_reqs), ForwardMode.DECODE)
+        return ScheduleBatch(reqs, ForwardMode.DECODE)
 
     def retract_until_fits(self) -> None:
         """Free KV for one decode step of every running request by sending the newest back to wait."""
@@ -426,39 +496,62 @@ class Scheduler:
         return slots, swa_slots
 
     def run_batch(self, batch: ScheduleBatch) -> None:
+        self.process_batch_result(self.launch_batch(batch))
+
+    def launch_batch(self, batch: ScheduleBatch, input_ids: torch.Tensor | None = None) -> InflightStep:
+        """Allocate KV, run the model and sample, without reading anything back to the host.
+        With `input_ids` (a decode launched ahead) every request samples."""
         batch.out_cache_loc, batch.swa_out_cache_loc = self._alloc_slots(batch.input_token_count(), batch.reqs)
-        fb = batch.to_forward_batch(self.device)
+        fb = batch.to_forward_batch(self.device, input_ids)
         write_req_to_token(fb, self.req_to_token_pool.req_to_token, self.req_to_token_pool.req_to_swa_token)
-        sample_rows = [i for i, r in enumerate(batch.reqs) if r.is_prefill_done_after_step()]
+        sample_rows = [i for i, r in enumerate(batch.reqs) if input_ids is not None or r.is_prefill_done_after_step()]
         output = self.model_runner.forward(fb)
         batch.commit()
         self.stats["forward_steps"] += 1
         if batch.forward_mode.is_extend():
             self.stats["prefill_computed_tokens_total"] += batch.out_cache_loc.numel()
         sample_reqs = [batch.reqs[i] for i in sample_rows]
+        sampled = None
         if sample_reqs:
             logits = output.next_token_logits
             # Decode samples every row: indexing would copy the whole [B, vocab] logits.
-            self._sample_and_append(sample_reqs, logits if len(sample_rows) == len(logits) else logits[sample_rows])
-        for req in sample_reqs:
+            sampled = self._sample(sample_reqs, logits if len(sample_rows) == len(logits) else logits[sample_rows])
+        return InflightStep(batch, sample_reqs, sampled, sampled.to_host_async() if sampled is not None else None)
+
+    def process_batch_result(self, step: InflightStep) -> None:
+        """Read a launched step's samples back, append them, and finish, keep or emit each request.
+        Requests that finished meanwhile (a decode launched ahead of their last token, an abort)
+        are skipped."""
+        for req in step.batch.reqs:
+            if req.to_abort is not None and not req.finished():
+                self._release(req)
+                self._finish(req, req.to_abort)
+        live = [i for i, r in enumerate(step.sample_reqs) if not r.finished()]
+        if live:
+            self._append_tokens(step.sample_reqs, step.sampled_host, live)
+        for req in (step.sample_reqs[i] for i in live):
             if req.finished():
-                if batch.forward_mode.is_decode():
+                if step.batch.forward_mode.is_decode():
                     self.running_reqs.remove(req)
                 self._release(req)
-            elif batch.forward_mode.is_extend():
+            elif step.batch.forward_mode.is_extend():
                 self.running_reqs.append(req)
             self._emit(req)
 
-    def _sample_and_append(self, reqs: list[Req], logits: torch.Tensor) -> None:
+    def _sample(self, reqs: list[Req], logits: torch.Tensor) -> SamplerOutput:
         info = SamplingBatchInfo.from_reqs(reqs, logits.shape[-1], logits.device)
         want_logprob = any(r.return_logprob for r in reqs)
         top_n = max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0)
-        out = self.sampler(logits, info, return_logprob=want_logprob, top_logprobs_num=top_n)
+        return self.sampler(logits, info, return_logprob=want_logprob, top_logprobs_num=top_n)
+
+    def _append_tokens(self, reqs: list[Req], out: SamplerOutput, rows: list[int]) -> None:
+        out.wait()
         ids = out.next_token_ids.tolist()
         logprobs = out.logprobs.tolist() if out.logprobs is not None else None
         top_vals = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
-        for i, (req, token) in enumerate(zip(reqs, ids)):
+        for i in rows:
+            req, token = reqs[i], ids[i]
             req.output_ids.append(token)
             self.stats["generation_tokens_total"] += 1
             if req.return_logprob:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sglang.srt.utils import to_device
+
 
 class ReqToTokenPool:
     """Row r, column p: the KV slot of token p of the request that holds row r (and, with the hybrid
@@ -74,7 +76,7 @@ class TokenToKVPoolAllocator:
         if n > self._free.numel():
             return None
         out, self._free = self._free[:n], self._free[n:]
-        return out.to(self.device)
+        return to_device(out, self.device)
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel():
@@ -201,8 +203,8 @@ def free_swa_outside_window(pool: ReqToTokenPool, swa_allocator: TokenToKVPoolAl
     if not releases:
         return 0
     table = pool.req_to_swa_token
-    rows = torch.cat([torch.full((r.hi - r.lo,), r.row, dtype=torch.int64) for r in releases]).to(table.device)
-    cols = torch.cat([torch.arange(r.lo, r.hi, dtype=torch.int64) for r in releases]).to(table.device)
+    rows = to_device(torch.cat([torch.full((r.hi - r.lo,), r.row, dtype=torch.int64) for r in releases]), table.device)
+    cols = to_device(torch.cat([torch.arange(r.lo, r.hi, dtype=torch.int64) for r in releases]), table.device)
     slots = table[rows, cols]
     held = slots[slots != 0]  # positions already tombstoned (never allocated here) are skipped
     swa_allocator.free(held)

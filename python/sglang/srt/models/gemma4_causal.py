@@ -31,6 +31,7 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import RotaryEmbedding
 from sglang.srt.layers.triton_ops import fused_ops_enabled
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsProcessorOutput
+from sglang.srt.utils import to_device
 from sglang.srt.model_loader.load_report import LoadReport
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ class Gemma4ForCausalLM(torch.nn.Module):
 
     @staticmethod
     def _last_token_index(forward_batch: ForwardBatch, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(forward_batch.extend_seq_lens_cpu, device=hidden.device).cumsum(0) - 1
+        return to_device(torch.tensor(forward_batch.extend_seq_lens_cpu), hidden.device).cumsum(0) - 1
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.lm_head_weight())

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sglang.srt.utils import to_device
+
 
 @dataclass
 class SamplingBatchInfo:
@@ -29,12 +31,16 @@ class SamplingBatchInfo:
         # seeded request samples the same tokens whatever else shares its batch.
         uniforms = [0.0 if g else float(torch.rand((), generator=r.generator)) for r, g in zip(reqs, greedy)]
         top_ks = [vocab_size if (p.top_k is None or p.top_k <= 0) else min(p.top_k, vocab_size) for p in params]
+        # One host-to-device copy; fp32 holds every top-k exactly (vocab sizes are far below 2^24).
+        rows = [[1.0 if g else p.temperature for p, g in zip(params, greedy)], [p.top_p for p in params], top_ks,
+                [p.min_p for p in params], greedy, uniforms]  # fmt: skip
+        temps, top_ps, top_ks_f, min_ps, is_greedy, uniforms_t = to_device(torch.tensor(rows, dtype=torch.float32), device)
         return cls(
-            temperatures=torch.tensor([[1.0 if g else p.temperature] for p, g in zip(params, greedy)], dtype=torch.float32, device=device),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            uniforms=torch.tensor(uniforms, dtype=torch.float32, device=device),
-            all_greedy=all(greedy),
+            temperatures=temps[:, None],
+            top_ps=top_ps,
+            top_ks=top_ks_f.long(),
+            min_ps=min_ps,
+            is_greedy=is_greedy.bool(),
+            uniforms=uniforms_t,
+            all_greedy=False,
         )

@@ -1,0 +1,71 @@
+"""bf16 GEMV y = x @ W^T for a single row: the dense layers of a batch-1 decode step.
+
+At batch 1 a linear layer is one pass over its weight. On Gemma 4's 1-26 M-element matrices
+cuBLAS picks split-K kernels plus a reduction kernel and reaches 45-75% of the H200's copy bandwidth
+(benchmark/bench_gemv.py). Here each program owns BLOCK_N output columns and walks the whole K: W
+rows are read once, coalesced along K, products are kept per lane in fp32 and summed once at the
+end, so there is no second kernel and no atomics. Small programs keep several resident per SM,
+which keeps enough loads in flight. From two rows on cuBLAS's tiles win, so only M = 1 comes here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang.srt.layers.triton_ops.common import round_to
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    # Columns past N re-read row 0 (always valid) and are dropped at the store: no load mask needed.
+    w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + offs_k
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_ok = (k0 + offs_k) < K
+            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    tl.store(y_ptr + offs_n, round_to(tl.sum(acc, axis=1), DTYPE), mask=n_ok)
+
+
+def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages), from the H200 sweep of bench_gemv.py --tune: 8
+    columns a program for matrices of 8 M elements and up (4 below, so small N still fills the SMs);
+    1024-wide K steps except for the widest outputs, where more programs already cover the latency."""
+    block_n = 8 if n * k >= 8 << 20 else 4
+    block_k = 256 if n >= 8192 else 1024
+    return block_n, block_k, 4, 3
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` computes F.linear(x, weight) for these tensors."""
+    return (
+        x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype == torch.bfloat16
+        and weight.dim() == 2 and weight.stride(1) == 1 and x.shape[1] == weight.shape[1]
+    )  # fmt: skip
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T -> [1, N] in x's dtype, fp32 accumulation, rounded once."""
+    n, k = weight.shape
+    x = x.contiguous()
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, stages = config or gemv_config(n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, y, n, k, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return y
