@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD/python:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 MODEL=${MODEL:-nvidia/Gemma-4-26B-A4B-NVFP4}
 
 correctness() {
-  timeout 330 python3 -m pytest -q -rf test/srt/test_moe_triton.py test/srt/test_fused_small_ops.py \
+  timeout 400 python3 -m pytest -q -rf test/srt/test_scheduler.py test/srt/test_moe_triton.py test/srt/test_fused_small_ops.py \
     test/srt/test_cuda_graph_runner.py test/srt/test_swa_pool.py test/srt/test_triton_attention.py \
     test/srt/test_gemma4_nvfp4.py 2>&1 | tail -8
   for kv in bf16 fp8_e4m3; do

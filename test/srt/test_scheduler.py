@@ -384,8 +384,8 @@ def test_overlap_on_gpu_matches_sync_and_never_waits_for_the_gpu(tmp_path):
 
         s.launch_batch = strict_launch
         for i, n in enumerate((11, 5, 17)):
-            submit(s, f"g{i}", [120 + (7 * i + j) % 500 for j in range(n)], max_new=12 + 4 * i)
-        sp = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=3)
+            submit(s, f"g{i}", [120 + (7 * i + j) % 500 for j in range(n)], max_new=12 + 4 * i, ignore_eos=True)
+        sp = SamplingParams(max_new_tokens=20, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
         s.add_request(TokenizedGenerateReqInput("sampled", list(range(200, 230)), sp))
         results[mode] = {rid: r["ids"] for rid, r in run_to_completion(s).items()}
         assert s.check_memory() and s.kv_used_tokens() == 0
@@ -393,4 +393,5 @@ def test_overlap_on_gpu_matches_sync_and_never_waits_for_the_gpu(tmp_path):
         assert s.req_to_token_pool.available_size() == s.req_to_token_pool.size - 1
         del s
     assert results["overlap"] == results["sync"]
-    assert len(ahead_launches) >= 20  # the decode steps really ran ahead
+    # the longest requests have 19 decode steps; all but the first (right after the prefill) run ahead
+    assert len(ahead_launches) == 18

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from sglang.srt.configs.model_config import LayerSpec
 from sglang.srt.layers.activation import get_act_and_mul_fn
 from sglang.srt.layers.layernorm import RMSNorm
-from sglang.srt.layers.linear import MergedColumnLinear, ReplicatedLinear, WeightShapeError, check_shape
+from sglang.srt.layers.linear import MergedColumnLinear, ReplicatedLinear, WeightShapeError, check_shape, dense_linear
 from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 from sglang.srt.layers.moe.topk import gemma4_topk
 from sglang.srt.layers.radix_attention import RadixAttention
@@ -265,7 +265,7 @@ class Gemma4ForCausalLM(torch.nn.Module):
         return to_device(torch.tensor(forward_batch.extend_seq_lens_cpu), hidden.device).cumsum(0) - 1
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.lm_head_weight())
+        logits = dense_linear(hidden, self.lm_head_weight())
         cap = self.final_logit_softcapping
         if cap and fused_ops_enabled(logits):
             from sglang.srt.layers.triton_ops.softcap import softcap
