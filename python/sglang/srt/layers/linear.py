@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sglang.srt.layers.triton_ops import fused_ops_enabled
 from sglang.srt.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase, new_param
+from sglang.srt.layers.triton_ops import fused_ops_enabled
 
 
 class WeightShapeError(ValueError):
