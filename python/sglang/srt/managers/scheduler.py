@@ -199,6 +199,14 @@ class Scheduler:
             self.chunked_prefill_size = step_cap
         return SwaPolicy(self.swa_allocator, self.sliding_window, self.chunked_prefill_size)
 
+    def warmup(self) -> None:
+        """Compile the prefill kernels before serving (GPU only; see model_executor/warmup.py)."""
+        if torch.device(self.device).type != "cuda" or self.server_args.skip_server_warmup:
+            return
+        from sglang.srt.model_executor.warmup import warmup_prefill, warmup_token_budget
+
+        warmup_prefill(self.model_runner, warmup_token_budget(self.model_runner, self.max_prefill_tokens))
+
     @property
     def tokenizer(self):
         """Loaded on first use: the scheduler decodes only to spot stop strings (to free KV at once)."""
@@ -704,6 +712,7 @@ def run_scheduler_process(server_args, ports: SchedulerPorts, ready_pipe, parent
     try:
         torch.manual_seed(server_args.random_seed)
         scheduler = Scheduler(server_args)
+        scheduler.warmup()
         ready_pipe.send({"status": "ready", **scheduler.info()})
     except Exception as e:
         logger.error("scheduler failed to start:\n%s", traceback.format_exc())

@@ -1,0 +1,48 @@
+"""The start-up prefill warm-up (model_executor/warmup.py): the sizes it runs, the budget it stays in,
+and that it leaves the pools as it found them and changes no later output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.model_executor.warmup import warmup_prefill, warmup_sizes, warmup_token_budget
+from sglang.srt.server_args import ServerArgs
+from sglang.test.make_gemma4_checkpoint import write_checkpoint
+from sglang.test.static_batch import greedy_generate
+
+
+def test_sizes_double_up_to_the_budget():
+    assert warmup_sizes(8192) == [256, 512, 1024, 2048, 4096, 8192]
+    assert warmup_sizes(5000) == [256, 512, 1024, 2048, 4096, 5000]
+    assert warmup_sizes(100) == [100]
+    assert warmup_sizes(64, min_tokens=16) == [16, 32, 64]
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    path = write_checkpoint(tmp_path_factory.mktemp("warmup") / "ck", "nvfp4-per-expert", seed=3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ModelRunner(ServerArgs(model_path=str(path), dtype="float32", device=device, max_total_tokens=512))
+
+
+def test_budget_is_the_prefill_cap_within_the_pools(runner):
+    assert warmup_token_budget(runner, 100) == 100
+    pools = [runner.token_to_kv_pool_allocator.available_size()]
+    if runner.swa_allocator is not None:
+        pools.append(runner.swa_allocator.available_size())
+    assert warmup_token_budget(runner, 1 << 20) == min(pools + [runner.model_config.context_len - 1])
+
+
+def test_warmup_leaves_pools_and_outputs_unchanged(runner):
+    prompts = [[5 + (3 * i + j) % 200 for j in range(n)] for i, n in enumerate((9, 14))]
+    before = greedy_generate(runner, prompts, 6)
+    free = runner.token_to_kv_pool_allocator.available_size()
+    swa_free = runner.swa_allocator.available_size() if runner.swa_allocator is not None else None
+    rows = runner.req_to_token_pool.available_size()
+    warmup_prefill(runner, warmup_token_budget(runner, 64), min_tokens=16)  # prefills of 16, 32, 64 tokens
+    assert runner.token_to_kv_pool_allocator.available_size() == free
+    assert (runner.swa_allocator.available_size() if runner.swa_allocator is not None else None) == swa_free
+    assert runner.req_to_token_pool.available_size() == rows
+    assert greedy_generate(runner, prompts, 6) == before
