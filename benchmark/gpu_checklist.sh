@@ -24,13 +24,14 @@ correctness() {
 
 performance() {
   timeout 240 bash benchmark/gpu_serving.sh 2>&1 | tee "$OUT/serving_stdout.txt" |
-    grep -E "ready after|Successful|Output token throughput|Median TTFT|Median ITL"
+    grep -E "ready after|Successful|Output token throughput|Median TTFT|P99 TTFT|Median ITL|Max ITL"
   for bs in 1 64; do
     timeout 100 python3 benchmark/profile_step.py --model-path "$MODEL" --load-format dummy --input-len 1000 \
       --batch-size "$bs" --cuda-graph-max-bs 64 --top 20 >"$OUT/profile_decode_bs$bs.txt" 2>&1
     grep -A24 "^decode" "$OUT/profile_decode_bs$bs.txt"
   done
-  timeout 60 python3 benchmark/bench_scheduler_host.py --device cuda --batch-size 1 64 2>&1 | tail -2
+  timeout 90 python3 benchmark/bench_scheduler_host.py --device cuda --batch-size 1 64 --gpu-step-us 3400 --steps 150 2>&1 | tail -6
+  timeout 60 python3 benchmark/bench_gemv.py 2>&1 | tail -10
   timeout 150 python3 benchmark/bench_transformers_baseline.py 2>&1 | tail -1
 }
 
