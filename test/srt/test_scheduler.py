@@ -235,6 +235,26 @@ def test_overlap_launches_the_next_decode_before_reading_the_last(overlap_mode):
     assert_pool_clean(s)
 
 
+def test_idle_and_counts_are_right_between_steps(overlap_mode):
+    """With overlap a prefill is in flight between steps (its requests in no list yet), and a step
+    launched ahead may hold only requests that just stopped: the state must still count the first
+    and be idle (flush allowed, memory checked) once the last output is out."""
+    s = make_scheduler()
+    submit(s, "a", prompt(0), max_new=50)
+    s.step()
+    state = s.internal_state()
+    assert state["num_running_reqs"] + state["num_waiting_reqs"] == 1
+    s.abort_request("a")
+    run_to_completion(s)
+    ref = reference_continuation(prompt(13), 10)
+    s = make_scheduler(runner_kw={"eos": ref[4]})
+    submit(s, "eos", prompt(13), max_new=10)
+    while not any(o.finished_reason for o in s.step()):
+        pass
+    assert s.is_idle() and s.flush_cache().success
+    assert s.internal_state()["memory_ok"] is True
+
+
 def test_stop_token_ids_eos_and_ignore_eos():
     ref = reference_continuation(prompt(13), 10)
     s = make_scheduler(runner_kw={"eos": ref[4]})

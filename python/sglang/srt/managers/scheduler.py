@@ -332,6 +332,11 @@ class Scheduler:
             self.inflight = self.launch_batch(batch, input_ids)
         if prev is not None:
             self.process_batch_result(prev)
+        if self.inflight is not None and all(r.finished() for r in self.inflight.batch.reqs):
+            # Everyone in the step launched ahead stopped in prev (EOS, stop, abort): drop it now, so
+            # that the scheduler is idle (flush_cache, memory checks) as soon as the last output is out.
+            self.process_batch_result(self.inflight)
+            self.inflight = None
         if self.inflight is None:
             batch = self.get_next_batch_to_run()
             if batch is not None:
@@ -647,10 +652,16 @@ class Scheduler:
             "swa_reclaimable_tokens": self._swa_reclaimable(),
         }
 
+    def _num_running(self) -> int:
+        """Requests holding KV: running, being chunked, or in a prefill in flight (in no list yet)."""
+        held = {id(r) for r in self.running_reqs} | ({id(self.chunked_req)} if self.chunked_req is not None else set())
+        in_flight = self.inflight.batch.reqs if self.inflight is not None else []
+        return len(held) + sum(1 for r in in_flight if id(r) not in held and not r.finished())
+
     def internal_state(self) -> dict:
         used = self.kv_used_tokens()
         return {
-            "num_running_reqs": len(self.running_reqs) + (self.chunked_req is not None),
+            "num_running_reqs": self._num_running(),
             "num_waiting_reqs": len(self.waiting_queue),
             "max_total_num_tokens": self.max_total_num_tokens,
             "kv_available_tokens": self.allocator.available_size(),
