@@ -169,8 +169,8 @@ class Scheduler:
         self.generation_defaults = sampling_defaults(self.model_config)
         self.moe_gemm_config = init_moe_gemm_config(self.model_config.hf_config)
         self.sampler = Sampler()
-        device_type = torch.device(self.device).type
-        self.overlap = device_type in self.OVERLAP_DEVICE_TYPES and not server_args.disable_overlap_schedule
+        self.device_type = torch.device(self.device).type
+        self.overlap = self.device_type in self.OVERLAP_DEVICE_TYPES and not server_args.disable_overlap_schedule
         self.inflight: InflightStep | None = None
 
         self.waiting_queue: list[Req] = []
@@ -201,7 +201,7 @@ class Scheduler:
 
     def warmup(self) -> None:
         """Compile the prefill kernels before serving (GPU only; see model_executor/warmup.py)."""
-        if torch.device(self.device).type != "cuda" or self.server_args.skip_server_warmup:
+        if self.device_type != "cuda" or self.server_args.skip_server_warmup:
             return
         from sglang.srt.model_executor.warmup import warmup_prefill, warmup_token_budget
 

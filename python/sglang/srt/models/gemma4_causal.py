@@ -31,8 +31,8 @@ from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import RotaryEmbedding
 from sglang.srt.layers.triton_ops import fused_ops_enabled
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsProcessorOutput
-from sglang.srt.utils import to_device
 from sglang.srt.model_loader.load_report import LoadReport
+from sglang.srt.utils import to_device
 
 logger = logging.getLogger(__name__)
 
