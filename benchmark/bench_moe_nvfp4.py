@@ -64,6 +64,13 @@ SPLIT_KS = (1, 2, 4, 8)
 SPLIT_K_MAX_M = 64
 
 
+# The per-pair GEMV path (moe_gemv.py) is swept up to this many tokens; tiles are
+# (block_n, block_k, num_warps, num_stages). GEMM2's K (I = 704) has 11 blocks of 64.
+GEMV_MAX_M = 8
+GEMV1_TILES = [(bn, bk, w, s) for bn in (16, 32) for bk in (128, 256, 512) for w in (2, 4, 8) for s in (1, 3)]
+GEMV2_TILES = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4, 8) for s in (1, 3)]
+
+
 def block_m_candidates(m: int) -> list[int]:
     per_expert = m * TOP_K / E
     if per_expert <= 4:
@@ -213,14 +220,17 @@ def measure_ceilings() -> dict:
 # ----------------------------------------------------------------------------- tuning
 
 
-def _jobs(formats: list[str], m_list: list[int]) -> list[tuple]:
+def _jobs(formats: list[str], m_list: list[int], grouped: bool = True) -> list[tuple]:
+    """Kernel variants of the sweep; grouped=False: the GEMV path's only."""
     jobs = []
     for fmt in formats:
         for m in m_list:
-            for bm in block_m_candidates(m):
+            for bm in block_m_candidates(m) if grouped else ():
                 jobs.append((fmt, m, bm, "align", None))
                 jobs += [(fmt, m, bm, "g1", t) for t in gemm1_tiles_for(fmt, bm, m)]
                 jobs += [(fmt, m, bm, "g2", t) for t in tiles_for(fmt, bm)]
+            if m <= GEMV_MAX_M:
+                jobs += [(fmt, m, 0, "v1", t) for t in GEMV1_TILES] + [(fmt, m, 0, "v2", t) for t in GEMV2_TILES]
     # One variant's jobs for the different M next to each other: they tend to land in one worker's
     # chunk, which compiles the variant once instead of several workers compiling it at once.
     return sorted(jobs, key=lambda j: (j[0], j[2], j[3], str(j[4]), j[1]))
@@ -232,7 +242,8 @@ _WORKER_STATE: dict = {}
 def _compile_job(job: tuple) -> str:
     """Launch one kernel variant once on uninitialised data so Triton compiles it into its disk cache."""
     from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
-    from sglang.srt.layers.moe.fused_moe_triton.configs import tile
+    from sglang.srt.layers.moe.fused_moe_triton import moe_gemv as mv
+    from sglang.srt.layers.moe.fused_moe_triton.configs import GemvTile, tile
 
     fmt, m, bm, kind, t = job
     if fmt not in _WORKER_STATE:
@@ -241,13 +252,21 @@ def _compile_job(job: tuple) -> str:
     w = _WORKER_STATE[fmt]
     ids = torch.randint(0, E, (m, TOP_K), dtype=torch.int32, device="cuda")
     try:
-        aligned = fm.moe_align(ids, E, bm)
-        if kind == "g1":
+        if kind == "v1":
+            mv.moe_gemv1(torch.randn(m, H, device="cuda").bfloat16(), w, ids, 0, GemvTile(*t))
+        elif kind == "v2":
+            h = torch.zeros(m * TOP_K, I, dtype=torch.bfloat16, device="cuda")
+            mv.moe_gemv2(h, w, ids, torch.rand(m, TOP_K, device="cuda"), GemvTile(*t))
+        elif kind == "g1":
+            aligned = fm.moe_align(ids, E, bm)
             fm.moe_gemm1(torch.randn(m, H, device="cuda").bfloat16(), w, aligned, TOP_K, ACT, tile(*t))
         elif kind == "g2":
+            aligned = fm.moe_align(ids, E, bm)
             h = torch.zeros(aligned.max_blocks * bm, I, dtype=torch.bfloat16, device="cuda")
             out = torch.empty(m * TOP_K, H, dtype=torch.bfloat16, device="cuda")
             fm.moe_gemm2(h, w, aligned, torch.rand(m, TOP_K, device="cuda"), out, tile(*t))
+        else:
+            fm.moe_align(ids, E, bm)
         torch.cuda.synchronize()
         return "ok"
     except Exception as exc:  # a tile that does not fit (shared memory, registers) is skipped
@@ -282,14 +301,21 @@ def _compile_layer_job(job: tuple) -> str:
         return f"fail {job}: {type(exc).__name__}: {str(exc)[:120]}"
 
 
-def precompile(workers: int, formats: list[str], m_list: list[int], tune: bool) -> None:
-    jobs = _jobs(formats, m_list) if tune else [(fmt, m) for fmt in formats for m in m_list]
+def _compile_any(job: tuple) -> str:
+    return _compile_job(job) if len(job) == 5 else _compile_layer_job(job)
+
+
+def precompile(workers: int, formats: list[str], m_list: list[int], tune: str) -> None:
+    """tune: "" (the configured layer path), "all" (every sweep variant) or "gemv" (GEMV variants
+    and the configured layer path)."""
+    jobs = _jobs(formats, m_list, grouped=tune == "all") if tune else []
+    if tune != "all":
+        jobs += [(fmt, m) for fmt in formats for m in m_list]
     # Group by format so each worker holds one weight set at a time.
     jobs.sort(key=lambda j: j[0])
     t0 = time.time()
     with mp.get_context("spawn").Pool(workers) as pool:
-        fn = _compile_job if tune else _compile_layer_job
-        fails = [r for r in pool.imap_unordered(fn, jobs, chunksize=4 if tune else 1) if r != "ok"]
+        fails = [r for r in pool.imap_unordered(_compile_any, jobs, chunksize=4 if tune else 1) if r != "ok"]
     print(f"precompiled {len(jobs)} variants in {time.time() - t0:.0f}s with {workers} workers; {len(fails)} failed")
     for f in fails[:10]:
         print("  ", f)
@@ -331,7 +357,40 @@ def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
         if best is None or total < best[0]:
             best = (total, bm, t1, t2)
     _, bm, t1, t2 = best
-    return {"block_m": bm, "gemm1": t1, "gemm2": t2}, log
+    tuned = {"block_m": bm, "gemm1": t1, "gemm2": t2, "grouped_us": best[0] * 1e6}
+    if m <= GEMV_MAX_M:
+        tuned["gemv"] = tune_gemv(w, m, routings, log)
+    return tuned, log
+
+
+def tune_gemv(w, m: int, routings, log: dict) -> dict:
+    """Best tiles of the per-pair GEMV path: GEMM1 first, then GEMM2 on its output."""
+    from sglang.srt.layers.moe.fused_moe_triton import moe_gemv as mv
+    from sglang.srt.layers.moe.fused_moe_triton.configs import GemvTile
+
+    def sweep(tiles, make_call):
+        times = {}
+        for t in tiles:
+            try:
+                times[t] = time_graph([make_call(x, r, GemvTile(*t)) for x, r in routings])
+            except Exception:
+                times[t] = float("inf")
+        return times
+
+    g1 = sweep(GEMV1_TILES, lambda x, r, t: lambda: mv.moe_gemv1(x, w, r.topk_ids, 0, t))
+    t1 = min(g1, key=g1.get)
+    hs = [mv.moe_gemv1(x, w, r.topk_ids, 0, GemvTile(*t1)) for x, r in routings]
+    g2 = {}
+    for t in GEMV2_TILES:
+        try:
+            g2[t] = time_graph([lambda h=h, r=r, t=t: mv.moe_gemv2(h, w, r.topk_ids, r.topk_weights, GemvTile(*t))
+                                for h, (_, r) in zip(hs, routings)])  # fmt: skip
+        except Exception:
+            g2[t] = float("inf")
+    t2 = min(g2, key=g2.get)
+    log["gemv"] = {"gemm1_us": {str(k): v * 1e6 for k, v in g1.items()}, "gemm2_us": {str(k): v * 1e6 for k, v in g2.items()}}
+    print(f"M={m} gemv: gemm1 {t1} {g1[t1] * 1e6:.1f} us, gemm2 {t2} {g2[t2] * 1e6:.1f} us", flush=True)
+    return {"gemm1": t1, "gemm2": t2, "us": (g1[t1] + g2[t2]) * 1e6}
 
 
 # ----------------------------------------------------------------------------- main
@@ -363,6 +422,8 @@ def torch_reference_time(fmt: str, w, m: int, routings) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--tune-gemv", action="store_true",
+                    help="sweep only the GEMV path's tiles (M <= 8) and compare with the configured grouped path")
     ap.add_argument("--workers", type=int, default=12)
     ap.add_argument("--ref-max-m", type=int, default=64, help="largest M for the (slow) torch reference")
     ap.add_argument("--formats", nargs="+", default=["nvfp4", "bf16"], choices=["nvfp4", "bf16"])
@@ -371,12 +432,20 @@ def main() -> None:
     args = ap.parse_args()
 
     from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
-    from sglang.srt.layers.moe.fused_moe_triton.configs import MoeTileConfig, device_key, get_moe_config, tile
+    from sglang.srt.layers.moe.fused_moe_triton.configs import (
+        GemvTile,
+        MoeGemvConfig,
+        MoeTileConfig,
+        device_key,
+        get_moe_config,
+        get_moe_gemv_config,
+        tile,
+    )
 
     card = torch.cuda.get_device_name()
     print(f"card: {card}  triton {__import__('triton').__version__}  torch {torch.__version__}")
     if args.workers > 1:
-        precompile(args.workers, args.formats, args.m, args.tune)
+        precompile(args.workers, args.formats, args.m, "all" if args.tune else "gemv" if args.tune_gemv else "")
     ceil = measure_ceilings()
     print(f"copy {ceil['copy_bw_Bps'] / 1e12:.2f} TB/s (memcpy {ceil['memcpy_bw_Bps'] / 1e12:.2f}, kernel "
           f"{ceil['kernel_copy_bw_Bps'] / 1e12:.2f})   bf16 matmul {ceil['bf16_mm_flops'] / 1e12:.0f} TFLOP/s")  # fmt: skip
@@ -390,10 +459,21 @@ def main() -> None:
             if args.tune:
                 best, log = tune_point(fmt, w, m, routings)
                 cfg = MoeTileConfig(best["block_m"], tile(*best["gemm1"]), tile(*best["gemm2"]))
+                gemv = best.get("gemv")
+                if gemv and gemv["us"] < best["grouped_us"]:
+                    cfg = MoeGemvConfig(m * TOP_K, GemvTile(*gemv["gemm1"]), GemvTile(*gemv["gemm2"]))
                 tuned.setdefault(fmt, []).append((m, best))
                 results.setdefault("sweeps", {})[f"{fmt}/{m}"] = log
+            elif args.tune_gemv and m <= GEMV_MAX_M:
+                gemv = tune_gemv(w, m, routings, {})
+                candidates = {"gemv": MoeGemvConfig(m * TOP_K, GemvTile(*gemv["gemm1"]), GemvTile(*gemv["gemm2"])),
+                              "grouped": get_moe_config(m, E, H, I, TOP_K, fmt)}  # fmt: skip
+                layer_us = {k: bench_layer(fmt, w, m, routings, c) * 1e6 for k, c in candidates.items()}
+                cfg = candidates[min(layer_us, key=layer_us.get)]
+                print(f"tuned gemv {fmt} M={m}: gemm1={gemv['gemm1']} gemm2={gemv['gemm2']} layer {layer_us['gemv']:.1f} us"
+                      f" vs grouped {layer_us['grouped']:.1f} us", flush=True)  # fmt: skip
             else:
-                cfg = get_moe_config(m, E, H, I, TOP_K, fmt)
+                cfg = get_moe_gemv_config(m * TOP_K, fmt) or get_moe_config(m, E, H, I, TOP_K, fmt)
             # NVFP4 from FP4_DEQUANT_MIN_TOKENS on: experts expanded to bf16, bf16 kernels with their tiles.
             dequant = fmt == "nvfp4" and m >= fm.FP4_DEQUANT_MIN_TOKENS
             t = bench_layer(fmt, w, m, routings, None if dequant else cfg)
@@ -405,7 +485,7 @@ def main() -> None:
                 "eff_bw_Bps": nbytes / t, "bw_ratio": nbytes / t / ceil["copy_bw_Bps"],
                 "floor_ratio": t / (nbytes / ceil["copy_bw_Bps"]), "tflops": flops / t / 1e12,
                 "mm_ratio": flops / t / ceil["bf16_mm_flops"],
-                "config": "bf16 table" if dequant else [cfg.block_m, cfg.gemm1.as_tuple(), cfg.gemm2.as_tuple()],
+                "config": "bf16 table" if dequant else str(cfg),
             }  # fmt: skip
             if m in UNFUSED_M:
                 point["unfused_act_us"] = bench_layer(fmt, w, m, routings, None if dequant else cfg, fuse_act=False) * 1e6
@@ -436,7 +516,7 @@ def print_table(results: dict) -> None:
     by = {(p["fmt"], p["m"]): p for p in results["points"]}
     print(f"{'M':>5} | {'fp4 us':>8} {'GB/s':>6} {'%copy':>6} {'xfloor':>6} {'TF/s':>6} {'%mm':>5} | "
           f"{'bf16 us':>8} {'%copy':>6} {'TF/s':>6} | {'fp4/bf16':>8} | {'unfused':>8} | {'torch ref':>9}")  # fmt: skip
-    for m in M_LIST:
+    for m in sorted({p["m"] for p in results["points"]}):
         f, b = by.get(("nvfp4", m)), by.get(("bf16", m))
         if not f:
             continue
@@ -453,7 +533,11 @@ def print_table(results: dict) -> None:
             f"M={p['m']} {p['fp4_path']} {p['time_us']:.0f} / other {p['other_path_us']:.0f}" for p in others))  # fmt: skip
     for fmt, rows in results.get("tuned", {}).items():
         for m, best in rows:
-            print(f"tuned {fmt} M={m}: block_m={best['block_m']} gemm1={tuple(best['gemm1'])} gemm2={tuple(best['gemm2'])}")
+            print(f"tuned {fmt} M={m}: block_m={best['block_m']} gemm1={tuple(best['gemm1'])} gemm2={tuple(best['gemm2'])}"
+                  f" {best['grouped_us']:.1f} us")  # fmt: skip
+            if "gemv" in best:
+                g = best["gemv"]
+                print(f"tuned gemv {fmt} M={m}: gemm1={tuple(g['gemm1'])} gemm2={tuple(g['gemm2'])} {g['us']:.1f} us")
 
 
 if __name__ == "__main__":

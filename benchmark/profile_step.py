@@ -119,6 +119,11 @@ def main() -> None:
     print(f"step wall (bench_one_batch view): median {statistics.median(step_s) * 1e3:.3f} ms")
     print(f"host time until forward returns:  median {statistics.median(host_s) * 1e3:.3f} ms")
     print(f"GPU kernel time per step (profiler): {gpu_us / 1e3:.3f} ms")
+    from sglang.srt.layers.triton_ops.common import pdl_enabled
+
+    if pdl_enabled(torch.device("cuda")):
+        print("note: PDL is on, so kernels overlap and their times include waiting for the previous one;"
+              " SGLANG_DISABLE_PDL=1 gives a breakdown that adds up")  # fmt: skip
     print(f"\n{'kernel family':<62} {'us/step':>9} {'calls/step':>10} {'share':>6}")
     for name, us, calls in rows[: args.top]:
         print(f"{name:<62} {us:>9.1f} {calls:>10.1f} {us / max(gpu_us, 1e-9):>6.1%}")

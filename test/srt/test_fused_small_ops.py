@@ -479,7 +479,7 @@ def _compile_for_sm90() -> None:
     compile_one(rmsnorm._rmsnorm_kernel, norm, {"HAS_W": True, "BLOCK": 4096}, 8)
     compile_one(softcap._softcap_kernel, dict(x_ptr=bf, out_ptr="*fp32", n=i32, cap=f32, inv_cap=f32), {"BLOCK": 1024}, 4)
     gelu = dict(gu_ptr=bf, out_ptr=bf, stride_gu=i32, n_inter=i32)
-    compile_one(gelu_and_mul._gelu_tanh_and_mul_kernel, gelu, {"BLOCK": 1024}, 4)
+    compile_one(gelu_and_mul._gelu_tanh_and_mul_kernel, gelu, {"BLOCK": 1024, "PDL": True}, 4)
     for cache in (bf, "*u8"):  # bf16 or fp8 KV cache
         qkv = dict(
             qkv_ptr=bf, q_ptr=bf, k_cache=cache, v_cache=cache, loc_ptr="*i64", qw_ptr=bf, kw_ptr=bf, cos_ptr="*fp32",
@@ -487,7 +487,7 @@ def _compile_for_sm90() -> None:
             num_kv_heads=i32, v_col=i32, inv_d=f32, eps=f32, inv_k_scale=f32, inv_v_scale=f32,
         )  # fmt: skip
         for head_dim in (256, 512):
-            consts = {"HEAD_DIM": head_dim, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2}
+            consts = {"HEAD_DIM": head_dim, "BLOCK_H": 16, "BLOCK_HALF": head_dim // 2, "PDL": True}
             compile_one(qkv_norm_rope._qkv_norm_rope_kernel, qkv, consts, 8)
     post = dict(
         h_ptr=bf, attn_ptr=bf, w_post_ptr=bf, w_mlp_ptr=bf, w_moe_ptr=bf, router_scale_ptr=bf, h_out=bf, mlp_out=bf,
@@ -499,17 +499,18 @@ def _compile_for_sm90() -> None:
         eps=f32,
     )  # fmt: skip
     for has_moe in (True, False):
-        compile_one(post_attention_norms._post_attention_norms_kernel, post, {"HAS_MOE": has_moe, "BLOCK": 4096}, 8)
-        consts = {"HAS_MOE": has_moe, "TOP_K": 8 if has_moe else 1, "BLOCK": 4096}  # MoE: the experts' 8 pair rows
+        consts = {"HAS_MOE": has_moe, "BLOCK": 4096, "PDL": True}
+        compile_one(post_attention_norms._post_attention_norms_kernel, post, consts, 8)
+        consts = {"HAS_MOE": has_moe, "TOP_K": 8 if has_moe else 1, "BLOCK": 4096, "PDL": True}  # MoE: 8 pair rows
         compile_one(ffn_combine._ffn_combine_kernel, combine, consts, 8)
     topk = dict(
         logits_ptr=bf, scale_ptr=bf, weights_ptr="*fp32", ids_ptr="*i32", logits_out_ptr="*fp32", stride_logits=i32,
         num_experts=i32,
     )  # fmt: skip
-    compile_one(router_topk._router_topk_kernel, topk, {"HAS_SCALE": True, "TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8}, 1)
+    compile_one(router_topk._router_topk_kernel, topk, {"HAS_SCALE": True, "TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8, "PDL": True}, 1)
     gemv_args = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N=i32, K=i32, stride_wn=i32)
-    for block_n, block_k in ((8, 256), (4, 1024)):
-        compile_one(gemv._gemv_kernel, gemv_args, {"BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": False}, 4)
+    for block_n, block_k, pdl in ((8, 256, True), (4, 1024, False)):
+        compile_one(gemv._gemv_kernel, gemv_args, {"BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": False, "PDL": pdl}, 4)
 
 
 def _ptxas_available() -> bool:

@@ -21,7 +21,14 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-from sglang.srt.layers.moe.fused_moe_triton.configs import MoeTileConfig, get_moe_config, tile  # noqa: E402
+from sglang.srt.layers.moe.fused_moe_triton.configs import (  # noqa: E402
+    GemvTile,
+    MoeGemvConfig,
+    MoeTileConfig,
+    get_moe_config,
+    get_moe_gemv_config,
+    tile,
+)
 from sglang.srt.layers.moe.fused_moe_triton.fused_moe import moe_align  # noqa: E402
 from sglang.srt.layers.moe.moe_runner.base import get_moe_runner  # noqa: E402
 from sglang.srt.layers.moe.topk import TopKOutput, gemma4_topk  # noqa: E402
@@ -135,8 +142,21 @@ def test_align_is_a_padded_permutation(num_tokens):
     assert (experts[total // block_m :] == -1).all()
 
 
+def test_align_of_one_token_needs_no_kernel(monkeypatch):
+    """A single token (distinct top-k experts): pair j alone in block j, expert ids[j], no launch."""
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
+
+    monkeypatch.setattr(fm, "moe_align_kernel", None)  # any launch would fail
+    ids = torch.randperm(9, device=DEV)[:5].reshape(1, 5).to(torch.int32)
+    a = moe_align(ids, 9, 4)
+    assert int(a.num_padded) == 20 and a.max_blocks == 5 and a.block_m == 4
+    assert a.sorted_ids.tolist() == sum(([j, 5, 5, 5] for j in range(5)), [])
+    assert a.block_expert.tolist() == ids.flatten().tolist()
+
+
 # (E, H, I, M, top_k, skewed, activation): E not a power of two, I not a tile multiple, top-k 1..8.
 _TINY_CASES = [
+    (7, 64, 48, 1, 4, False, "gelu_pytorch_tanh"),
     (5, 64, 48, 7, 3, False, "gelu_pytorch_tanh"),
     (6, 32, 80, 9, 1, True, "gelu_pytorch_tanh"),
     (9, 64, 32, 3, 8, True, "silu"),
@@ -205,8 +225,9 @@ def test_gemm1_k_slices():
 
 
 def _compile_split_k_for_sm90() -> None:
-    """GEMM1 split-K kernels compiled for sm_90 at the real tiles (the interpreter never compiles them;
-    the FP4 decode's inline PTX only exists on this path). Run without TRITON_INTERPRET."""
+    """GEMM1 split-K and the GEMV path's kernels compiled for sm_90 at the real tiles (the interpreter
+    never compiles them; the FP4 decode's inline PTX only exists on this path). Run without
+    TRITON_INTERPRET."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -226,18 +247,29 @@ def _compile_split_k_for_sm90() -> None:
     )  # fmt: skip
     for w_fp4, swap in ((True, False), (True, True), (False, False)):
         consts = dict(BM=16, BN=64, BK=64 if w_fp4 else 128, W_FP4=w_fp4, ACT=0, SWAP_AB=swap, SPLIT_K=4, FUSE_ACT=True,
-                      HAS_GS=w_fp4)  # fmt: skip
+                      HAS_GS=w_fp4, PDL=True)  # fmt: skip
         compile_one(kernels.moe_gemm1_kernel, {**gemm1, "w_ptr": ptr if w_fp4 else "*bf16"}, consts, 4, 4)
     reduce = dict(ws_ptr="*fp32", gs_ptr="*fp32", h_ptr="*bf16", **rows, N=i32, stride_ws_split=i32,
                   stride_ws_pair=i32, stride_hm=i32)  # fmt: skip
-    consts = dict(BM=16, BN=64, SPLIT_K=4, W_FP4=True, ACT=0, FUSE_ACT=True, HAS_GS=True)
+    consts = dict(BM=16, BN=64, SPLIT_K=4, W_FP4=True, ACT=0, FUSE_ACT=True, HAS_GS=True, PDL=True)
     compile_one(kernels.moe_gemm1_reduce_kernel, reduce, consts, 4, 1)
+
+    from sglang.srt.layers.moe.fused_moe_triton import moe_gemv
+
+    strides = dict(stride_we=i32, stride_wn=i32)
+    gemv1 = dict(x_ptr="*bf16", w_ptr=ptr, tbl_ptr="*u8", gs_ptr="*fp32", topk_ids_ptr=ptr, h_ptr="*bf16", top_k=i32,
+                 N=i32, K=i32, stride_xm=i32, **strides, stride_hm=i32)  # fmt: skip
+    gemv2 = dict(h_ptr="*bf16", w_ptr=ptr, tbl_ptr="*u8", gs_ptr="*fp32", topk_ids_ptr=ptr, topk_w_ptr="*fp32",
+                 out_ptr="*bf16", N=i32, K=i32, stride_hm=i32, **strides, stride_om=i32)  # fmt: skip
+    for even in (True, False):
+        compile_one(moe_gemv.moe_gemv1_kernel, gemv1, dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=even, PDL=True), 4, 3)
+        compile_one(moe_gemv.moe_gemv2_kernel, gemv2, dict(BN=32, BK=128, W_FP4=True, HAS_GS=True, EVEN_K=even, PDL=True), 4, 3)
 
 
 @pytest.mark.skipif(
     not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(), reason="no ptxas here"
 )
-def test_split_k_kernels_compile_for_sm90():
+def test_split_k_and_gemv_kernels_compile_for_sm90():
     # This file run as a script, in a child process: kernels must be decorated without the interpreter.
     child = subprocess.run([sys.executable, __file__, "--compile-sm90"], env={**os.environ, "TRITON_INTERPRET": "0"},
                            capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -322,6 +354,60 @@ def test_nvfp4_linear(m, n, k):
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert rel_err(y, ref) <= TOL
 
+# Per-pair GEMV path, (E, H, I, M, top_k, skewed, act, tiles): I not a multiple of block_n, H and I
+# with and without a K tail (FP4 rows padded to 64), top-k 1 (pair rows are the output rows), a
+# skewed routing where one expert serves several pairs.
+_GEMV_CASES = [
+    (5, 128, 48, 2, 3, True, "gelu_pytorch_tanh", ((32, 64, 4), (16, 64, 2))),
+    (6, 192, 80, 3, 1, False, "silu", ((16, 128, 4), (32, 128, 4))),
+    (9, 64, 32, 1, 8, True, "gelu_pytorch_tanh", ((16, 64, 2), (16, 64, 2))),
+]
+
+
+@pytest.mark.parametrize("case", _GEMV_CASES)
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+def test_moe_gemv_path(case, weight_format):
+    num_experts, hidden, inter, m, top_k, skewed, act, (t1, t2) = case
+    layer = make_moe_layer(num_experts, hidden, inter, top_k, weight_format, act)
+    x = torch.randn(m, hidden, device=DEV).bfloat16()
+    topk = make_routing(m, num_experts, top_k, skewed)
+    cfg = MoeGemvConfig(m * top_k, GemvTile(*t1), GemvTile(*t2))
+    ref = reference(layer, x, topk, weight_format)
+    _poison_allocator()
+    out = run_triton(layer, x, topk, weight_format, cfg)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out, ref) <= TOL
+
+
+def test_moe_gemv_is_the_default_for_few_pairs(monkeypatch):
+    """Auto selection: bf16 experts take the GEMV path up to its max_pairs, the grouped GEMMs above;
+    NVFP4 experts stay on the grouped GEMMs (measured faster); the env override turns it on or off."""
+    from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
+
+    calls = []
+    real = fm.moe_gemv
+    monkeypatch.setattr(fm, "moe_gemv", lambda *a: calls.append(a) or real(*a))
+    layer = make_moe_layer(4, 64, 32, 2, "bf16")
+    x = torch.randn(2, 64, device=DEV).bfloat16()
+    topk = make_routing(2, 4, 2, False)
+    ref = reference(layer, x, topk, "bf16")
+    assert rel_err(run_triton(layer, x, topk, "bf16"), ref) <= TOL and len(calls) == 1
+    limit = get_moe_gemv_config(0, "bf16").max_pairs
+    assert get_moe_gemv_config(limit, "bf16") is not None and get_moe_gemv_config(limit + 1, "bf16") is None
+    assert get_moe_gemv_config(8, "nvfp4") is None
+    monkeypatch.setenv("SGLANG_MOE_GEMV_MAX_PAIRS", "8")
+    assert get_moe_gemv_config(8, "nvfp4") is not None
+    monkeypatch.setenv("SGLANG_MOE_GEMV_MAX_PAIRS", "0")
+    assert get_moe_gemv_config(4, "bf16") is None
+
+
+def test_moe_gemv_rejects_bad_fp4_tiles():
+    layer = make_moe_layer(3, 64, 32, 1, "nvfp4")
+    topk = make_routing(1, 3, 1, False)
+    bad = MoeGemvConfig(1, GemvTile(16, 96, 4), GemvTile(16, 64, 4))
+    with pytest.raises(ValueError, match="block_k"):
+        run_triton(layer, torch.randn(1, 64, device=DEV).bfloat16(), topk, "nvfp4", bad)
+
 
 # ---------------------------------------------------------------- GPU only, real and awkward shapes
 
@@ -340,6 +426,11 @@ def test_real_shapes(weight_format, m):
     _poison_allocator()
     out = run_triton(layer, x, topk, weight_format)
     assert rel_err(out[rows], ref) <= TOL
+    if m <= 8:  # the per-pair GEMV path, forced: the configured tiles, and tiles leaving a K tail
+        configured = get_moe_gemv_config(0, weight_format)
+        for cfg in (configured, MoeGemvConfig(m * 8, GemvTile(32, 512, 4), GemvTile(64, 128, 8))):
+            _poison_allocator()
+            assert rel_err(run_triton(layer, x, topk, weight_format, cfg)[rows], ref) <= TOL, cfg
     if m <= 64:  # GEMM1 split-K, at the decode sizes it is meant for, with the configured tiles
         cfg = get_moe_config(m, 128, 2816, 704, 8, weight_format)
         for split_k in (2, 4, 8):

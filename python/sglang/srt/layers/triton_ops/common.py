@@ -8,6 +8,7 @@ interpreter, the last fp32 bit.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -105,6 +106,45 @@ def row_lanes(n_cols, BLOCK: tl.constexpr):
 @triton.jit
 def load_row(ptr, offs, mask):
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on `device` use programmatic dependent launch (sm_90+; SGLANG_DISABLE_PDL=1
+    turns it off). A kernel launched with it may start while the previous kernel in the stream is
+    still running, once that one has called `allow_dependents`; it must call `wait_for_previous`
+    before touching anything an earlier kernel writes or reads."""
+    if INTERPRET or device.type != "cuda" or os.environ.get("SGLANG_DISABLE_PDL", "0") == "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch kwargs of a kernel taking a PDL constexpr that waits for its predecessor itself."""
+    return {"PDL": True, "launch_pdl": True} if pdl_enabled(device) else {"PDL": False}
+
+
+@triton.jit
+def allow_dependents(PDL: tl.constexpr):
+    """Let a PDL-launched next kernel start its independent prologue (weight loads) now."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """Block until the previous kernel in the stream has finished and its writes are visible."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """First thing in a kernel launched with `pdl_launch` that has nothing to do before its inputs
+    are ready: wait for them, then let the next kernel launch (its blocks take free SM slots and
+    get past their own launch while this one runs)."""
+    wait_for_previous(PDL)
+    allow_dependents(PDL)
 
 
 def inv_count(n: int) -> float:

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from sglang.srt.layers.triton_ops.common import (
-    inv_count, load_row, rmsnorm_row, round_to, row_lanes, row_warps, unit_stride_rows,
+    inv_count, load_row, pdl_launch, pdl_start, rmsnorm_row, round_to, row_lanes, row_warps,
+    unit_stride_rows,
 )  # fmt: skip
 
 
@@ -34,8 +35,9 @@ def _sum_pairs(ptr, stride_pair, offs, mask, TOP_K: tl.constexpr, DTYPE: tl.cons
 def _ffn_combine_kernel(
     h_ptr, dense_ptr, moe_ptr, w_dense_ptr, w_moe_ptr, w_post_ptr, scalar_ptr, w_next_ptr,
     h_out, next_out, stride_h, stride_dense, stride_moe, stride_pair, n_cols, inv_n, eps,
-    HAS_MOE: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MOE: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_start(PDL)
     row, offs, mask = row_lanes(n_cols, BLOCK)
     DTYPE: tl.constexpr = h_out.dtype.element_ty
     ffw = load_row(dense_ptr + row * stride_dense, offs, mask)
@@ -73,6 +75,6 @@ def ffn_combine(
             h, dense, pairs, w_dense if has_moe else w_post, w_moe if has_moe else w_post, w_post, layer_scalar,
             w_next, h_out, next_out, h.stride(0), dense.stride(0), pairs.stride(0), pairs.stride(1), hidden,
             inv_count(hidden), eps, HAS_MOE=has_moe, TOP_K=pairs.shape[1], BLOCK=block, num_warps=row_warps(block),
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **pdl_launch(h.device),
         )  # fmt: skip
     return h_out, next_out

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.triton_ops.common import round_to, tanh, unit_stride_rows
+from sglang.srt.layers.triton_ops.common import pdl_launch, pdl_start, round_to, tanh, unit_stride_rows
 
 _BLOCK = 1024
 # sqrt(2 / pi) and the cubic coefficient, as torch's tanh-GELU kernels spell them.
@@ -21,7 +21,8 @@ def gelu_tanh(x):
 
 
 @triton.jit
-def _gelu_tanh_and_mul_kernel(gu_ptr, out_ptr, stride_gu, n_inter, BLOCK: tl.constexpr):
+def _gelu_tanh_and_mul_kernel(gu_ptr, out_ptr, stride_gu, n_inter, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_inter
@@ -43,5 +44,6 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     grid = (tokens, triton.cdiv(inter, _BLOCK))
     # FP fusion on: torch's GELU kernel is built by nvcc, which contracts into FMAs as well.
-    _gelu_tanh_and_mul_kernel[grid](gate_up, out, gate_up.stride(0), inter, BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=True)
+    _gelu_tanh_and_mul_kernel[grid](gate_up, out, gate_up.stride(0), inter, BLOCK=_BLOCK, num_warps=4, enable_fp_fusion=True,
+                                     **pdl_launch(gate_up.device))
     return out

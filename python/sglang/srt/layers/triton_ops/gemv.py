@@ -14,29 +14,37 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.triton_ops.common import round_to
+from sglang.srt.layers.triton_ops.common import allow_dependents, pdl_launch, round_to, wait_for_previous
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_k(ptrs, k_ok, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=k_ok, other=0.0)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     # Columns past N re-read row 0 (always valid) and are dropped at the store: no load mask needed.
     w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    x_ptrs = x_ptr + offs_k
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
-        else:
-            k_ok = (k0 + offs_k) < K
-            w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+    # No kernel writes the weights: under PDL the first tile streams in while the kernel producing x
+    # is still finishing.
+    w = _load_k(w_ptrs, (offs_k < K)[None, :], EVEN_K)
+    wait_for_previous(PDL)
+    allow_dependents(PDL)
+    acc = w.to(tl.float32) * _load_k(x_ptr + offs_k, offs_k < K, EVEN_K).to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        w = _load_k(w_ptrs + k0, k_ok[None, :], EVEN_K)
+        x = _load_k(x_ptr + k0 + offs_k, k_ok, EVEN_K)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     tl.store(y_ptr + offs_n, round_to(tl.sum(acc, axis=1), DTYPE), mask=n_ok)
 
@@ -67,5 +75,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, y, n, k, weight.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages,
+        **pdl_launch(x.device),
     )  # fmt: skip
     return y

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from sglang.srt.layers.triton_ops.common import (
-    inv_count, inv_rms, load_row, rmsnorm_row, round_to, row_lanes, row_warps, scale_row, unit_stride_rows,
+    inv_count, inv_rms, load_row, pdl_launch, pdl_start, rmsnorm_row, round_to, row_lanes, row_warps, scale_row, unit_stride_rows,
 )  # fmt: skip
 
 
@@ -25,8 +25,9 @@ def _post_attention_norms_kernel(
     h_ptr, attn_ptr, w_post_ptr, w_mlp_ptr, w_moe_ptr, router_scale_ptr,
     h_out, mlp_out, moe_out, router_out,
     stride_h, stride_attn, n_cols, inv_n, eps, root_size,
-    HAS_MOE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_start(PDL)
     row, offs, mask = row_lanes(n_cols, BLOCK)
     DTYPE: tl.constexpr = h_out.dtype.element_ty
     attn = load_row(attn_ptr + row * stride_attn, offs, mask)
@@ -62,5 +63,6 @@ def post_attention_norms(
             h, attn, w_post, w_mlp, w_moe if has_moe else w_mlp, router_scale if has_moe else w_mlp,
             h_out, mlp_out, moe_out, router_out, h.stride(0), attn.stride(0), hidden, inv_count(hidden), eps,
             root_size, HAS_MOE=has_moe, BLOCK=block, num_warps=row_warps(block), enable_fp_fusion=False,
+            **pdl_launch(h.device),
         )  # fmt: skip
     return (*outs, None, None) if not has_moe else tuple(outs)

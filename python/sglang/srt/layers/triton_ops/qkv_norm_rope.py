@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from sglang.srt.layers.triton_ops.common import (
-    e4m3_bits, inv_count, inv_rms, load_row, round_to, row_warps, scale_row, unit_stride_rows,
+    e4m3_bits, inv_count, inv_rms, load_row, pdl_launch, pdl_start, round_to, row_warps, scale_row, unit_stride_rows,
 )  # fmt: skip
 from sglang.srt.mem_cache.memory_pool import KVWrite, fp32_reciprocal
 
@@ -87,9 +87,10 @@ def _qkv_norm_rope_kernel(
     qkv_ptr, q_ptr, k_cache, v_cache, loc_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
     stride_qkv, stride_cs, stride_k_cache, stride_v_cache, num_heads, num_kv_heads, v_col, inv_d, eps,
     inv_k_scale, inv_v_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (T, 3): program (t, 0) does token t's q heads, (t, 1) its k heads, (t, 2) its v heads."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -151,6 +152,6 @@ def qkv_norm_rope(
         k_cache.stride(0), v_cache.stride(0), num_heads, num_kv_heads, v_col, inv_count(head_dim), eps,
         fp32_reciprocal(kv.k_scale), fp32_reciprocal(kv.v_scale),
         HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=row_warps(2 * block_h * block_half),
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **pdl_launch(qkv.device),
     )  # fmt: skip
     return q

@@ -14,14 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.triton_ops.common import exp, unit_stride_rows
+from sglang.srt.layers.triton_ops.common import exp, pdl_launch, pdl_start, unit_stride_rows
 
 
 @triton.jit
 def _router_topk_kernel(
     logits_ptr, scale_ptr, weights_ptr, ids_ptr, logits_out_ptr, stride_logits, num_experts,
     HAS_SCALE: tl.constexpr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
@@ -64,6 +66,6 @@ def router_topk(
             logits, per_expert_scale if has_scale else logits, weights, ids, logits_f32, logits.stride(0),
             num_experts, HAS_SCALE=has_scale, TOP_K=top_k,
             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k), num_warps=1,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **pdl_launch(logits.device),
         )  # fmt: skip
     return weights, ids, logits_f32

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang.srt.layers.triton_ops.common import pdl_launch, pdl_start
+
 LOG2E = 1.4426950408889634
 _MIN_GROUP_ROWS = 16  # tl.dot needs M >= 16
 
@@ -62,7 +64,9 @@ def _decode_stage1(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, DIRECT_OUT: tl.constexpr, FP8_KV: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_start(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -131,9 +135,11 @@ def _decode_stage2(
     MidO, MidLse, O,
     stride_ob, stride_oh, num_splits, v_scale,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Merge: out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m). All splits of a head-dim chunk
     are loaded at once (one memory round trip; a loop over splits would wait on each in turn)."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     dc = tl.program_id(2)
@@ -186,7 +192,7 @@ def decode_attention_fwd(
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype), DIRECT_OUT=direct,
-        FP8_KV=is_fp8(k_buffer.dtype),
+        FP8_KV=is_fp8(k_buffer.dtype), **pdl_launch(q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if direct:
@@ -196,6 +202,7 @@ def decode_attention_fwd(
     _decode_stage2[(batch, num_heads, triton.cdiv(head_dim, block_dc))](
         mid_o, mid_lse, out, out.stride(0), out.stride(1), num_splits, v_scale,
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_DC=block_dc, BLOCK_S=block_s, num_warps=4,
+        **pdl_launch(q.device),
     )  # fmt: skip
     return out
 

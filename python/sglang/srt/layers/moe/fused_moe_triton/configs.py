@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,25 @@ class MoeTileConfig:
     def __post_init__(self) -> None:
         if self.gemm2.split_k != 1:
             raise ValueError("split_k is implemented for GEMM1 only")
+
+
+@dataclass(frozen=True)
+class GemvTile:
+    """One program: block_n output columns of one (token, slot) pair, block_k of K per step."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class MoeGemvConfig:
+    """The per-pair GEMV path (moe_gemv.py), taken for up to max_pairs (token, slot) pairs."""
+
+    max_pairs: int
+    gemm1: GemvTile
+    gemm2: GemvTile
 
 
 def tile(block_n: int, block_k: int, num_warps: int, num_stages: int, swap_ab: int, split_k: int = 1) -> GemmTile:
@@ -102,6 +122,18 @@ TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, Moe
 }  # fmt: skip
 
 
+# The GEMV path's tiles and crossover per weight format, from the H200 sweep
+# (`bench_moe_nvfp4.py --tune-gemv`, 2026-11-28, E=128 H=2816 I=704 top-8; whole layer, GEMV vs the
+# tuned grouped GEMMs): bf16 experts win up to 4 tokens (32.9 vs 38.9 us at M=1, 96.5 vs 105.0 at
+# M=4; 179.8 vs 163.2 at M=8). NVFP4 experts lose at every M (36.0 vs 31.4 us at M=1): the decode
+# and the per-word x loads make it instruction-bound on the CUDA cores, where the grouped kernels
+# decode into MMA operands; its entry keeps tiles for forced use and max_pairs 0.
+GEMV_CONFIGS: dict[str, MoeGemvConfig] = {
+    "bf16": MoeGemvConfig(32, GemvTile(32, 128, 8, 3), GemvTile(32, 128, 8, 1)),
+    "nvfp4": MoeGemvConfig(0, GemvTile(16, 512, 4, 3), GemvTile(16, 256, 4, 3)),
+}
+
+
 @functools.lru_cache(maxsize=1)
 def device_key() -> str:
     """'H100' / 'H200' / ... from the CUDA device name; '' without a GPU."""
@@ -124,3 +156,11 @@ def get_moe_config(
                 return cfg
         return table[-1][1]
     return default_moe_config(num_tokens, num_experts, top_k, weight_format)
+
+
+def get_moe_gemv_config(num_pairs: int, weight_format: str) -> MoeGemvConfig | None:
+    """The GEMV path's config if it should run this many (token, slot) pairs, else None (grouped
+    GEMMs). SGLANG_MOE_GEMV_MAX_PAIRS overrides the crossover (0 turns the path off)."""
+    cfg = GEMV_CONFIGS[weight_format]
+    limit = int(os.environ.get("SGLANG_MOE_GEMV_MAX_PAIRS", cfg.max_pairs))
+    return cfg if num_pairs <= limit else None

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from sglang.srt.layers.moe.fused_moe_triton.configs import GemmTile, MoeTileConfig, get_moe_config
+from sglang.srt.layers.moe.fused_moe_triton.configs import (
+    GemmTile,
+    MoeGemvConfig,
+    MoeTileConfig,
+    get_moe_config,
+    get_moe_gemv_config,
+)
 from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     ACT_GELU_TANH,
     ACT_SILU,
@@ -28,7 +34,10 @@ from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     moe_gemm2_kernel,
     moe_offsets_kernel,
     moe_scatter_kernel,
+    scale_byte_table,
 )
+from sglang.srt.layers.moe.fused_moe_triton.moe_gemv import moe_gemv
+from sglang.srt.layers.triton_ops.common import pdl_launch
 
 # From this many tokens on, NVFP4 experts are expanded to bf16 once per call and run through the
 # bf16 kernels: every expert is touched and in-loop decoding costs more than the expansion
@@ -122,26 +131,36 @@ def prepare_nvfp4_experts(
     )  # fmt: skip
 
 
-_SCALE_BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _scale_byte_table(device: torch.device) -> torch.Tensor:
-    """The kernels' small uint8 table (see kernels._fp4_scale_selectors), one per device."""
-    if device not in _SCALE_BYTE_TABLES:
-        _SCALE_BYTE_TABLES[device] = torch.tensor(FP4_SCALE_BYTE, dtype=torch.uint8, device=device)
-    return _SCALE_BYTE_TABLES[device]
-
-
 def max_blocks_for(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Upper bound of sum_e ceil(count_e / block_m): each non-empty expert wastes < 1 block."""
     return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
 
 
+_ONE_TOKEN_SLOTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _align_one_token(ids: torch.Tensor, block_m: int) -> AlignedTokens:
+    """A single token's top-k experts are distinct, so the sorted list is known without a kernel:
+    block j holds pair j then padding, and its expert is ids[j]. The slot list and count are
+    constants, made once per shape (before any CUDA-graph capture: the model runs eagerly first)."""
+    top_k = ids.numel()
+    key = (top_k, block_m, ids.device)
+    if key not in _ONE_TOKEN_SLOTS:
+        slots = torch.arange(top_k * block_m, dtype=torch.int32, device=ids.device)
+        sorted_ids = torch.where(slots % block_m == 0, slots // block_m, top_k).to(torch.int32)
+        _ONE_TOKEN_SLOTS[key] = sorted_ids, torch.full((1,), top_k * block_m, dtype=torch.int32, device=ids.device)
+    sorted_ids, num_padded = _ONE_TOKEN_SLOTS[key]
+    return AlignedTokens(sorted_ids, ids, num_padded, top_k, block_m)
+
+
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedTokens:
-    """Sort (token, slot) pairs by expert, each expert's run padded to block_m; one kernel launch."""
+    """Sort (token, slot) pairs by expert, each expert's run padded to block_m; one kernel launch
+    (none for a single token)."""
     ids = topk_ids.reshape(-1)
     if ids.dtype != torch.int32:
         ids = ids.to(torch.int32)
+    if topk_ids.shape[0] == 1:
+        return _align_one_token(ids, block_m)
     num_pairs = ids.numel()
     max_blocks = max_blocks_for(num_pairs, num_experts, block_m)
     num_bins = triton.next_power_of_2(num_experts)
@@ -167,7 +186,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned
         ids, sorted_ids, block_expert, num_padded, cursor,
         num_pairs, max_blocks * block_m, max_blocks, num_experts,
         BLOCK_M=block_m, NUM_BINS=num_bins, CHUNK=1024, BLOCK_CHUNK=block_chunk,
-        num_warps=8,
+        num_warps=8, **pdl_launch(dev),
     )  # fmt: skip
     return AlignedTokens(sorted_ids, block_expert, num_padded, max_blocks, block_m)
 
@@ -181,7 +200,8 @@ def _launch_kwargs(t: GemmTile, w: ExpertWeights, block_m: int) -> dict:
         # from shared memory, and (Triton 3.6) fails to lay out the decoded tile there; with the
         # weights on the M side (swap) the decoded tile is wgmma's A operand, which works.
         swap_ab = swap_ab or block_m >= 64
-    return dict(BN=t.block_n, BK=t.block_k, SWAP_AB=swap_ab, num_warps=t.num_warps, num_stages=t.num_stages)
+    return dict(BN=t.block_n, BK=t.block_k, SWAP_AB=swap_ab, num_warps=t.num_warps, num_stages=t.num_stages,
+                **pdl_launch(w.w13.device))
 
 
 def gemm1_k_slices(hidden: int, t: GemmTile) -> tuple[int, int]:
@@ -215,7 +235,7 @@ def moe_gemm1(
     tiles = aligned.max_blocks * triton.cdiv(inter, t.block_n)
     epilogue = dict(W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act, HAS_GS=w.w13_scale_2 is not None)
     moe_gemm1_kernel[(tiles * slices,)](
-        x, w.w13, _scale_byte_table(x.device), gs, h, ws, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        x, w.w13, scale_byte_table(x.device), gs, h, ws, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         num_pairs, top_k, inter, hidden, k_split,
         x.stride(0), w.w13.stride(0), w.w13.stride(1), h.stride(0), ws.stride(0), ws.stride(1),
         BM=aligned.block_m, SPLIT_K=slices, **epilogue, **_launch_kwargs(t, w, aligned.block_m),
@@ -224,7 +244,7 @@ def moe_gemm1(
         moe_gemm1_reduce_kernel[(tiles,)](
             ws, gs, h, aligned.sorted_ids, aligned.block_expert, aligned.num_padded, num_pairs, inter,
             ws.stride(0), ws.stride(1), h.stride(0),
-            BM=aligned.block_m, BN=t.block_n, SPLIT_K=slices, **epilogue, num_warps=4,
+            BM=aligned.block_m, BN=t.block_n, SPLIT_K=slices, **epilogue, num_warps=4, **pdl_launch(x.device),
         )  # fmt: skip
     return h
 
@@ -248,7 +268,7 @@ def moe_gemm2(
     topk_w = topk_weights.reshape(-1).float()
     grid = (aligned.max_blocks * triton.cdiv(hidden, t.block_n),)
     moe_gemm2_kernel[grid](
-        h, w.w2, _scale_byte_table(h.device), gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
+        h, w.w2, scale_byte_table(h.device), gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         topk_w.numel(), hidden, inter,
         h.stride(0), w.w2.stride(0), w.w2.stride(1), out.stride(0),
         BM=aligned.block_m, W_FP4=w.is_fp4, HAS_GS=w.w2_scale_2 is not None, **_launch_kwargs(t, w, aligned.block_m),
@@ -264,7 +284,7 @@ def dequantize_fp4_experts(w: ExpertWeights, hidden: int) -> ExpertWeights:
         rows = blocks.shape[0] * n
         grid = (triton.cdiv(rows, 16), triton.cdiv(k, 256))
         fp4_dequant_kernel[grid](
-            blocks, _scale_byte_table(blocks.device), out, rows, n, k, blocks.stride(0), blocks.stride(1), BR=16, BW=32
+            blocks, scale_byte_table(blocks.device), out, rows, n, k, blocks.stride(0), blocks.stride(1), BR=16, BW=32
         )
         return out
 
@@ -277,33 +297,39 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     activation: str = "gelu_pytorch_tanh",
-    config: MoeTileConfig | None = None,
+    config: MoeTileConfig | MoeGemvConfig | None = None,
     fuse_act: bool = True,
     sum_pairs: bool = True,
 ) -> torch.Tensor:
     """sum_j topk_weights[m, j] * expert_{topk_ids[m, j]}(x[m]) -> [M, H] in x.dtype.
 
-    fuse_act=False runs the activation as separate kernels (only for measuring the fusion).
+    config: None picks the per-pair GEMV path (moe_gemv.py) for a few tokens, the grouped GEMMs with
+    the tuned tiles otherwise; a given config forces its path.
+    fuse_act=False runs the activation as separate kernels (only for measuring the fusion; grouped path).
     sum_pairs=False returns the weighted terms unsummed, [M, top_k, H] (top_k 1: [M, H], already the
     sum), for a consumer that sums them in its own pass (the fused FFN combine)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unsupported MoE activation {activation!r}; supported: {sorted(_ACTIVATIONS)}")
     num_tokens, top_k = topk_ids.shape
-    if w.is_fp4 and num_tokens >= FP4_DEQUANT_MIN_TOKENS:
-        w = dequantize_fp4_experts(w, x.shape[1])
-    if config is None:
-        fmt = "nvfp4" if w.is_fp4 else "bf16"
-        config = get_moe_config(num_tokens, w.num_experts, w.hidden, w.inter, top_k, fmt)
+    fmt = "nvfp4" if w.is_fp4 else "bf16"
+    if config is None and fuse_act:
+        config = get_moe_gemv_config(num_tokens * top_k, fmt)
     x = x.contiguous()
-    aligned = moe_align(topk_ids, w.num_experts, config.block_m)
-    h = moe_gemm1(x, w, aligned, top_k, activation, config.gemm1, fuse_act)
-    if not fuse_act:
-        h = unfused_activation(h, activation)
+    if isinstance(config, MoeGemvConfig):
+        pair_out = moe_gemv(x, w, topk_weights, topk_ids, _ACTIVATIONS[activation], config)
+    else:
+        if w.is_fp4 and num_tokens >= FP4_DEQUANT_MIN_TOKENS:
+            w = dequantize_fp4_experts(w, x.shape[1])
+        if config is None:
+            config = get_moe_config(num_tokens, w.num_experts, w.hidden, w.inter, top_k, fmt)
+        aligned = moe_align(topk_ids, w.num_experts, config.block_m)
+        h = moe_gemm1(x, w, aligned, top_k, activation, config.gemm1, fuse_act)
+        if not fuse_act:
+            h = unfused_activation(h, activation)
+        pair_out = torch.empty(num_tokens * top_k, w.hidden, dtype=x.dtype, device=x.device)
+        moe_gemm2(h, w, aligned, topk_weights, pair_out, config.gemm2)
     if top_k == 1:
-        # One pair per token: the pair rows are the output rows.
-        return moe_gemm2(h, w, aligned, topk_weights, torch.empty_like(x), config.gemm2)
-    pair_out = torch.empty(num_tokens * top_k, w.hidden, dtype=x.dtype, device=x.device)
-    moe_gemm2(h, w, aligned, topk_weights, pair_out, config.gemm2)
+        return pair_out  # one pair per token: the pair rows are the output rows
     pairs = pair_out.view(num_tokens, top_k, w.hidden)
     # torch accumulates a bf16 sum in fp32; summing in slot order keeps the result deterministic.
     return pairs.sum(dim=1) if sum_pairs else pairs

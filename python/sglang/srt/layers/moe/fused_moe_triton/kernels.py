@@ -37,8 +37,11 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
+
+from sglang.srt.layers.triton_ops.common import pdl_start
 
 ACT_GELU_TANH = 0
 ACT_SILU = 1
@@ -70,6 +73,15 @@ FP4_BLOCK_ROWS = 16
 FP4_BLOCK_WORDS = 144
 # Host table read by `_fp4_scale_selectors` (length: the largest BK / 8 a kernel may use).
 FP4_SCALE_BYTE = tuple((w // 2) % 4 for w in range(64))
+_SCALE_BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def scale_byte_table(device: torch.device) -> torch.Tensor:
+    """FP4_SCALE_BYTE as the uint8 tensor the kernels read, one per device."""
+    if device not in _SCALE_BYTE_TABLES:
+        _SCALE_BYTE_TABLES[device] = torch.tensor(FP4_SCALE_BYTE, dtype=torch.uint8, device=device)
+    return _SCALE_BYTE_TABLES[device]
+
 
 # One code word, its scale word and a PRMT selector copying the word's scale byte to bytes 0 and 2
 # -> the word's 4 bf16x2 registers as 4 int32 ($0..$3; inputs $4 word, $5 scale word, $6 selector).
@@ -125,16 +137,25 @@ def _halves(r):
 
 
 @triton.jit
+def _fp4_decode_regs(words, scale_words, selectors):
+    """Code words, each word's scale word (int32, repacked layout, same shape) and the selectors of
+    `_fp4_scale_selectors` (broadcast along the last axis) -> four int32 tensors of that shape:
+    register i of a word holds its elements 2i (low half) and 2i + 1 as bf16 code * scale * 2^-9."""
+    if _INTERPRET:
+        r0, r1, r2, r3 = _fp4_decode_bits(words, scale_words, selectors)
+    else:
+        r0, r1, r2, r3 = tl.inline_asm_elementwise(
+            _FP4_DECODE_ASM, "=r,=r,=r,=r,r,r,r", [words, scale_words, selectors],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+        )  # fmt: skip
+    return r0, r1, r2, r3
+
+
+@triton.jit
 def _fp4_decode(words, scale_words, selectors, BN: tl.constexpr, BK: tl.constexpr):
     """Code words [BN, BK/8], each word's scale word [BN, BK/8] (int32, repacked layout) and the
     selectors of `_fp4_scale_selectors` [BK/8] -> bf16 [BN, BK] = code * scale * 2^-9."""
-    if _INTERPRET:
-        r0, r1, r2, r3 = _fp4_decode_bits(words, scale_words, selectors[None, :])
-    else:
-        r0, r1, r2, r3 = tl.inline_asm_elementwise(
-            _FP4_DECODE_ASM, "=r,=r,=r,=r,r,r,r", [words, scale_words, selectors[None, :]],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-        )  # fmt: skip
+    r0, r1, r2, r3 = _fp4_decode_regs(words, scale_words, selectors[None, :])
     l0, h0 = _halves(r0)
     l1, h1 = _halves(r1)
     l2, h2 = _halves(r2)
@@ -298,6 +319,7 @@ def moe_align_kernel(
     NUM_BINS: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK_CHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Single program: counting sort of the (token, slot) pairs by expert, runs padded to BLOCK_M.
 
@@ -305,6 +327,7 @@ def moe_align_kernel(
     (-1 past the end), num_padded[1]. cursor[NUM_BINS] is scratch. Pair order inside an expert's run
     depends on atomics, which changes no result: every GEMM row is computed independently.
     """
+    pdl_start(PDL)
     bins = tl.arange(0, NUM_BINS)
     counts = tl.zeros((NUM_BINS,), dtype=tl.int32)
     for start in range(0, num_pairs, CHUNK):
@@ -433,6 +456,7 @@ def moe_gemm1_kernel(
     SPLIT_K: tl.constexpr = 1,
     FUSE_ACT: tl.constexpr = True,
     HAS_GS: tl.constexpr = True,
+    PDL: tl.constexpr = False,
 ):
     """h[slot, n] = act(gs_gate * x W_gate^T) * (gs_up * x W_up^T) for one [BM, BN] tile.
 
@@ -446,6 +470,7 @@ def moe_gemm1_kernel(
     so every slice starts on a block and its main loop stays unmasked) and the host launches no empty
     slice, so only the last slice can hold the K % BK tail. SPLIT_K = 1 passes k_split = K.
     """
+    pdl_start(PDL)
     pid_m, pid_n, pid_s = _tile_ids(N, BN, SPLIT_K)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
@@ -508,10 +533,12 @@ def moe_gemm1_reduce_kernel(
     ACT: tl.constexpr,
     FUSE_ACT: tl.constexpr = True,
     HAS_GS: tl.constexpr = True,
+    PDL: tl.constexpr = False,
 ):
     """Split-K GEMM1, second pass over the same [BM, BN] tiles: sums the SPLIT_K partial accumulators
     of `moe_gemm1_kernel` in slice order (deterministic), then its epilogue. Padding rows read zeros
     and so store act(0) * 0 = 0, as the unsplit kernel does (GEMM2 reads them unmasked)."""
+    pdl_start(PDL)
     pid_m, pid_n, _ = _tile_ids(N, BN, 1)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
@@ -562,8 +589,10 @@ def moe_gemm2_kernel(
     W_FP4: tl.constexpr,
     SWAP_AB: tl.constexpr,
     HAS_GS: tl.constexpr = True,
+    PDL: tl.constexpr = False,
 ):
     """out[pair, n] = topk_w[pair] * gs_down * (h[slot] @ W_down^T)[n]; h rows are in sorted order."""
+    pdl_start(PDL)
     pid_m, pid_n, _ = _tile_ids(N, BN, 1)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
