@@ -117,6 +117,50 @@ def test_chunked_prefill_splits_long_prompts():
     assert_pool_clean(s)
 
 
+def _mixed_steps(s: Scheduler) -> list[list[int]]:
+    """Extend steps that carried decode tokens (rows of one token) next to a prefill chunk."""
+    return [lens for m, lens in s.model_runner.forward_calls if m == ForwardMode.EXTEND and 1 in lens and max(lens) > 1]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_mixed_chunk_runs_decodes_inside_prefill_steps(mixed):
+    """--enable-mixed-chunk: running requests decode in the steps that prefill a newcomer's chunks,
+    with the same tokens as without it and the chunk budget covering both."""
+    s = make_scheduler(runner_kw={"max_total_tokens": 1024}, chunked_prefill_size=32, enable_mixed_chunk=mixed)
+    for i in range(3):
+        submit(s, f"early{i}", prompt(i, 8), max_new=30)
+    for _ in range(4):
+        s.step()
+    long_prompt = prompt(9, 70)
+    submit(s, "long", long_prompt, max_new=6)
+    res = run_to_completion(s)
+    for i in range(3):
+        assert res[f"early{i}"]["ids"] == reference_continuation(prompt(i, 8), 30)
+    assert res["long"]["ids"] == reference_continuation(long_prompt, 6)
+    extend_steps = [lens for m, lens in s.model_runner.forward_calls if m == ForwardMode.EXTEND]
+    assert max(sum(lens) for lens in extend_steps) <= 32
+    if mixed:
+        # 70 prompt tokens in chunks of 32 - 3, each next to the three early requests' decode tokens
+        assert [lens for lens in _mixed_steps(s) if lens.count(1) == 3] == [[29, 1, 1, 1], [29, 1, 1, 1], [12, 1, 1, 1]]
+    else:
+        assert not _mixed_steps(s)
+    # Prefill accounting counts prompt tokens only, not the decode tokens mixed in.
+    assert s.stats["prefill_computed_tokens_total"] == 3 * 8 + 70
+    assert_pool_clean(s)
+
+
+def test_mixed_chunk_with_a_full_pool_still_completes():
+    """Too little KV for a prefill and every running request's next token: the step prefills alone,
+    decodes (with retraction) follow as usual, and every request still gets the reference tokens."""
+    s = make_scheduler(runner_kw={"max_total_tokens": 160}, chunked_prefill_size=32, enable_mixed_chunk=True)
+    for i in range(6):
+        submit(s, f"r{i}", prompt(i), max_new=12)
+    res = run_to_completion(s)
+    for i in range(6):
+        assert res[f"r{i}"]["ids"] == reference_continuation(prompt(i), 12)
+    assert_pool_clean(s)
+
+
 def test_prefix_cache_reuses_kv_and_reports_cached_tokens():
     s = make_scheduler(runner_kw={"max_total_tokens": 512})
     base = prompt(6, 40)

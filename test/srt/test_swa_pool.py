@@ -309,3 +309,36 @@ def test_scheduler_with_real_model_chunked_prefill_under_swa_pressure(tiny_ckpt,
         return res
 
     assert serve(hybrid=True) == serve(hybrid=False)
+
+
+def test_mixed_chunk_with_the_real_model_equals_separate_steps(tiny_ckpt, overlap_mode):
+    """--enable-mixed-chunk on the tiny model (triton kernels, hybrid pool, window 8): decode rows of
+    one token over long prefixes run through the extend kernel next to a prompt's chunks and give
+    the tokens of separate prefill and decode steps."""
+    prompts = {f"r{i}": [40 + (7 * j + 13 * i) % 260 for j in range(30 + 8 * i)] for i in range(3)}
+
+    def serve(mixed: bool) -> tuple[dict, list]:
+        s = Scheduler(make_args(chunked_prefill_size=12, max_running_requests=4, enable_mixed_chunk=mixed),
+                      model_runner=_runner(tiny_ckpt, "triton", hybrid=True))  # fmt: skip
+        mixed_steps, launch = [], s.launch_batch
+
+        def spy(batch, input_ids=None):
+            lens = [r.extend_len for r in batch.reqs]
+            if batch.forward_mode.is_extend() and 1 in lens and max(lens) > 1:
+                mixed_steps.append(lens)
+            return launch(batch, input_ids)
+
+        s.launch_batch = spy
+        submit(s, "r0", prompts["r0"], max_new=10)
+        while not s.running_reqs:
+            s.step()
+        s.step()
+        submit(s, "r1", prompts["r1"], max_new=6)
+        submit(s, "r2", prompts["r2"], max_new=6)
+        res = {rid: r["ids"] for rid, r in run_to_completion(s).items()}
+        assert s.check_memory() and s.kv_used_tokens() == 0
+        return res, mixed_steps
+
+    (mixed, steps), (plain, no_steps) = serve(True), serve(False)
+    assert mixed == plain
+    assert len(steps) >= 3 and not no_steps

@@ -69,6 +69,7 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = _opt(None, "Largest decode batch captured in a CUDA graph.")
     skip_server_warmup: bool = _opt(False, "Start serving without first compiling the prefill kernels (the first prefills of each size class then compile them, stalling running requests).")
     disable_overlap_schedule: bool = _opt(False, "Finish each step before scheduling the next (on CUDA the next decode is launched while the previous one's results are processed).")
+    enable_mixed_chunk: bool = _opt(False, "Run the running requests' decode tokens in the same step as a prefill chunk, so a prefill no longer stalls them.")
     tp_size: int = _opt(1, "Tensor parallel size.")
     random_seed: int = _opt(0, "Seed for weights of --load-format dummy and for unseeded sampling.")
     # HTTP server

@@ -364,17 +364,36 @@ class Scheduler:
     def get_next_batch_to_run(self) -> ScheduleBatch | None:
         batch = self.get_new_batch_prefill()
         if batch is not None:
-            return batch
+            return self._mix_with_running(batch)
         if self.running_reqs:
             return self.prepare_decode_batch()
         return None
+
+    def _mix_with_running(self, prefill: ScheduleBatch) -> ScheduleBatch:
+        """--enable-mixed-chunk: the running requests' next decode tokens join the prefill step as
+        one-token extends (the step costs about what the prefill alone does, and nobody waits a
+        step). Skipped when the pool cannot hold both; the next step then decodes alone and may
+        retract as usual."""
+        if not (self.server_args.enable_mixed_chunk and self.running_reqs):
+            return prefill
+        if not self._can_alloc(prefill.input_token_count() + len(self.running_reqs)):
+            return prefill
+        decode = self._decode_batch(list(self.running_reqs))
+        return ScheduleBatch(prefill.reqs + decode.reqs, ForwardMode.EXTEND)
+
+    def _prefill_budget(self, tokens: int | None) -> int | None:
+        """A per-step token budget less what mixed-in decode tokens will take."""
+        if tokens is None or tokens <= 0 or not (self.server_args.enable_mixed_chunk and self.running_reqs):
+            return tokens
+        return max(1, tokens - len(self.running_reqs))
 
     def get_new_batch_prefill(self) -> ScheduleBatch | None:
         if not self.waiting_queue and self.chunked_req is None:
             return None
         adder = PrefillAdder(
             self.tree_cache, self.allocator, self.req_to_token_pool, self.running_reqs, self.chunked_req,
-            self.new_token_ratio, self.max_prefill_tokens, self.chunked_prefill_size, self.swa_policy,
+            self.new_token_ratio, self._prefill_budget(self.max_prefill_tokens),
+            self._prefill_budget(self.chunked_prefill_size), self.swa_policy,
         )
         if self.chunked_req is not None:
             adder.add_chunked_req(self.chunked_req)
@@ -519,10 +538,11 @@ class Scheduler:
         write_req_to_token(fb, self.req_to_token_pool.req_to_token, self.req_to_token_pool.req_to_swa_token)
         sample_rows = [i for i, r in enumerate(batch.reqs) if input_ids is not None or r.is_prefill_done_after_step()]
         output = self.model_runner.forward(fb)
+        if batch.forward_mode.is_extend():
+            running = {id(r) for r in self.running_reqs}
+            self.stats["prefill_computed_tokens_total"] += sum(r.extend_len for r in batch.reqs if id(r) not in running)
         batch.commit()
         self.stats["forward_steps"] += 1
-        if batch.forward_mode.is_extend():
-            self.stats["prefill_computed_tokens_total"] += batch.out_cache_loc.numel()
         sample_reqs = [batch.reqs[i] for i in sample_rows]
         sampled = None
         if sample_reqs:
@@ -542,12 +562,14 @@ class Scheduler:
         live = [i for i, r in enumerate(step.sample_reqs) if not r.finished()]
         if live:
             self._append_tokens(step.sample_reqs, step.sampled_host, live)
+        # Decoding requests are running already; a prefill's (also those mixed into one) join now.
+        running = {id(r) for r in self.running_reqs}
         for req in (step.sample_reqs[i] for i in live):
             if req.finished():
-                if step.batch.forward_mode.is_decode():
+                if id(req) in running:
                     self.running_reqs.remove(req)
                 self._release(req)
-            elif step.batch.forward_mode.is_extend():
+            elif id(req) not in running:
                 self.running_reqs.append(req)
             self._emit(req)
 

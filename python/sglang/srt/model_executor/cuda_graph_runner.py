@@ -93,7 +93,14 @@ class CudaGraphRunner:
             for _ in range(2):  # compile Triton kernels and settle allocations outside the capture
                 self.model_runner.forward_eager(batch)
             graph = graph_cls(pool)
-            out = graph.capture(lambda b=batch: self.model_runner.forward_eager(b).next_token_logits)
+            try:
+                out = graph.capture(lambda b=batch: self.model_runner.forward_eager(b).next_token_logits)
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"CUDA graph capture failed at decode batch size {bs}: {exc}. Serving works without graphs"
+                    " (--disable-cuda-graph); if the error names the capture, SGLANG_DISABLE_PDL=1 (kernels"
+                    " launched without programmatic dependent launch) is worth a try."
+                ) from exc
             pool = graph.memory_pool()
             self.graphs[bs], self.logits[bs] = graph, out
         logger.info("captured CUDA graphs for decode batch sizes %s", self.bs_list)
