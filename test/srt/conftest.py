@@ -212,6 +212,17 @@ class FakeModelRunner:
             assert torch.equal(window, full), f"swa window of row {row} at {lo}:{seq_len} is wrong: {window.tolist()} vs {full.tolist()}"
 
 
+def assert_pdl_waits_first(ptx: str, name: str, loads_before: bool = False) -> None:
+    """A kernel launched with programmatic dependent launch may start before its predecessor ends, so
+    its PTX must wait (griddepcontrol.wait) before any global store, and before any global load
+    unless `loads_before` (the GEMV reads its constant weights early on purpose)."""
+    at = ptx.find("griddepcontrol.wait")
+    assert at >= 0, f"{name}: no griddepcontrol.wait in the PTX"
+    kinds = ("st.global", "atom.global", "red.global") + (() if loads_before else ("ld.global", "cp.async"))
+    early = [k for k in kinds if k in ptx[:at]]
+    assert not early, f"{name}: {early} before griddepcontrol.wait"
+
+
 def reference_continuation(prompt: list[int], n: int, vocab_size: int = 97) -> list[int]:
     seq, out = list(prompt), []
     for _ in range(n):

@@ -95,6 +95,33 @@ def test_graph_decode_equals_eager_and_padding_spares_live_kv(runner):
     runner.graph_runner = None
 
 
+def test_captures_run_without_garbage_collection(runner):
+    """A collection inside a capture could destroy a dead graph, which invalidates the capture: the
+    collector is off while capturing and back on afterwards, also when a capture fails."""
+    import gc
+
+    seen = []
+
+    class GcCheckingGraph(EagerGraph):
+        def capture(self, fn):
+            seen.append(gc.isenabled())
+            return super().capture(fn)
+
+    class FailingGraph(EagerGraph):
+        def capture(self, fn):
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    pool = runner.req_to_token_pool
+    free_rows = list(pool._free)
+    assert gc.isenabled()
+    CudaGraphRunner(runner, max_bs=2, graph_cls=GcCheckingGraph)
+    assert seen == [False, False] and gc.isenabled()
+    with pytest.raises(RuntimeError, match="batch size 2.*--disable-cuda-graph"):
+        CudaGraphRunner(runner, max_bs=2, graph_cls=FailingGraph)
+    assert gc.isenabled()
+    pool._free = free_rows  # give back the two padding rows the runners reserved
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_cuda_graphs_match_eager_on_gpu(tmp_path):
     from sglang.test.static_batch import greedy_generate

@@ -464,6 +464,8 @@ def _compile_for_sm90() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from conftest import assert_pdl_waits_first
+
     from sglang.srt.layers.triton_ops import (
         ffn_combine, gelu_and_mul, gemv, post_attention_norms, qkv_norm_rope, rmsnorm, router_topk, softcap,
     )  # fmt: skip
@@ -473,7 +475,10 @@ def _compile_for_sm90() -> None:
     def compile_one(fn, args: dict, consts: dict, num_warps: int) -> None:
         sig = {**args, **{name: "constexpr" for name in consts}}
         opts = {"num_warps": num_warps, "enable_fp_fusion": False}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        if consts.get("PDL"):
+            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__, loads_before=fn is gemv._gemv_kernel)
 
     norm = dict(x_ptr=bf, w_ptr=bf, out_ptr=bf, stride_x=i32, n_cols=i32, inv_n=f32, eps=f32)
     compile_one(rmsnorm._rmsnorm_kernel, norm, {"HAS_W": True, "BLOCK": 4096}, 8)

@@ -231,12 +231,17 @@ def _compile_split_k_for_sm90() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from conftest import assert_pdl_waits_first
+
     from sglang.srt.layers.moe.fused_moe_triton import kernels
 
     def compile_one(fn, args: dict, consts: dict, num_warps: int, num_stages: int) -> None:
         sig = {**args, **{name: "constexpr" for name in consts}}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+        opts = {"num_warps": num_warps, "num_stages": num_stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        if consts.get("PDL"):
+            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__)
 
     i32, ptr = "i32", "*i32"
     rows = dict(sorted_ids_ptr=ptr, block_expert_ptr=ptr, num_padded_ptr=ptr, num_pairs=i32)

@@ -10,6 +10,7 @@ buffer, padding rows writing swa slot 0, and the reserved row zeroed in both tab
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Callable
 
@@ -86,6 +87,20 @@ class CudaGraphRunner:
         )
 
     def _capture_all(self, graph_cls) -> None:
+        # A garbage collection during a capture may free an unreferenced CUDA graph (e.g. of a runner
+        # dropped earlier in the process), and destroying a graph is not allowed while a stream
+        # captures: the capture is invalidated. torch's graph context no longer collects first, so
+        # collect once here and keep the collector off until every size is captured.
+        gc.collect()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._capture_sizes(graph_cls)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _capture_sizes(self, graph_cls) -> None:
         pool = None
         # Largest first, so the smaller graphs fit in the memory pool the largest one reserved.
         for bs in tqdm(self.bs_list[::-1], desc="Capturing CUDA graphs", disable=len(self.bs_list) < 2):
@@ -97,9 +112,8 @@ class CudaGraphRunner:
                 out = graph.capture(lambda b=batch: self.model_runner.forward_eager(b).next_token_logits)
             except RuntimeError as exc:
                 raise RuntimeError(
-                    f"CUDA graph capture failed at decode batch size {bs}: {exc}. Serving works without graphs"
-                    " (--disable-cuda-graph); if the error names the capture, SGLANG_DISABLE_PDL=1 (kernels"
-                    " launched without programmatic dependent launch) is worth a try."
+                    f"CUDA graph capture failed at decode batch size {bs}: {exc}. Serving works without"
+                    " graphs (--disable-cuda-graph)."
                 ) from exc
             pool = graph.memory_pool()
             self.graphs[bs], self.logits[bs] = graph, out
