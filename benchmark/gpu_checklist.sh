@@ -3,6 +3,7 @@
 #   bash benchmark/gpu_checklist.sh correctness   # GPU tests, whole-model accuracy with bf16 and fp8 KV
 #   bash benchmark/gpu_checklist.sh performance   # serving workloads (default KV dtype: fp8 for the NVFP4
 #                                                 # checkpoint), step profiles, scheduler host time, baseline
+#   bash benchmark/gpu_checklist.sh mixed         # serving workloads with and without --enable-mixed-chunk
 #   bash benchmark/gpu_checklist.sh moe-tune      # MoE tests + split-K tile sweep for M <= 64 (issue 5);
 #                                                 # copy its `tuned ...` lines into configs.py
 # Outputs land in $OUT (default .): logs, JSONL records, profile tables. `performance` needs the
@@ -35,6 +36,14 @@ performance() {
   timeout 150 python3 benchmark/bench_transformers_baseline.py 2>&1 | tail -1
 }
 
+mixed() {
+  for flags in "" "--enable-mixed-chunk"; do
+    echo "== serving ${flags:-(defaults)}"
+    timeout 280 bash benchmark/gpu_serving.sh $flags 2>&1 |
+      grep -E "ready after|Output token throughput|Median TTFT|P99 TTFT|Median ITL|Max ITL"
+  done
+}
+
 moe_tune() {
   timeout 200 python3 -m pytest -x -q test/srt/test_moe_triton.py 2>&1 | tail -5
   timeout 360 python3 benchmark/bench_moe_nvfp4.py --tune --m 1 4 16 64 --workers 16 --out "$OUT"
@@ -43,6 +52,7 @@ moe_tune() {
 case "${1:-}" in
   correctness) correctness ;;
   performance) performance ;;
+  mixed) mixed ;;
   moe-tune) moe_tune ;;
-  *) echo "usage: $0 correctness|performance|moe-tune" >&2; exit 2 ;;
+  *) echo "usage: $0 correctness|performance|mixed|moe-tune" >&2; exit 2 ;;
 esac
