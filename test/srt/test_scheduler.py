@@ -161,6 +161,21 @@ def test_mixed_chunk_with_a_full_pool_still_completes():
     assert_pool_clean(s)
 
 
+def test_mixed_chunk_leaves_room_for_the_rest_of_a_chunked_prompt():
+    """Found by fuzzing: decode tokens mixed into chunk steps used up the slots the chunked prompt's
+    later chunks were admitted with, and a chunk step cannot retract (allocation failure, scheduler
+    crash). Mixing now stops while the rest of the prompt would not fit."""
+    s = make_scheduler(runner_kw={"max_total_tokens": 46}, chunked_prefill_size=2, enable_mixed_chunk=True)
+    submit(s, "R", prompt(0, 5), max_new=25)
+    while not s.running_reqs:
+        s.step()
+    submit(s, "L", prompt(1, 22), max_new=1)
+    res = run_to_completion(s)
+    assert res["R"]["ids"] == reference_continuation(prompt(0, 5), 25)
+    assert res["L"]["ids"] == reference_continuation(prompt(1, 22), 1)
+    assert_pool_clean(s)
+
+
 def test_prefix_cache_reuses_kv_and_reports_cached_tokens():
     s = make_scheduler(runner_kw={"max_total_tokens": 512})
     base = prompt(6, 40)

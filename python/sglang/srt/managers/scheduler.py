@@ -372,11 +372,16 @@ class Scheduler:
     def _mix_with_running(self, prefill: ScheduleBatch) -> ScheduleBatch:
         """--enable-mixed-chunk: the running requests' next decode tokens join the prefill step as
         one-token extends (the step costs about what the prefill alone does, and nobody waits a
-        step). Skipped when the pool cannot hold both; the next step then decodes alone and may
-        retract as usual."""
+        step). Skipped when the pool cannot hold both, or when the decode tokens would eat into the
+        slots a chunked prompt's later chunks need (admission reserved those only against a prefill
+        that no decode interrupts, and a chunk step cannot retract); the next step then runs the
+        prefill alone and decodes follow, retracting as usual."""
         if not (self.server_args.enable_mixed_chunk and self.running_reqs):
             return prefill
-        if not self._can_alloc(prefill.input_token_count() + len(self.running_reqs)):
+        need = prefill.input_token_count() + len(self.running_reqs)
+        chunked = self.chunked_req
+        rest = chunked.seq_len - chunked.kv_len - chunked.extend_len if chunked is not None else 0
+        if not self._can_alloc(need) or self.allocator.available_size() + self.tree_cache.evictable_size() < need + rest:
             return prefill
         decode = self._decode_batch(list(self.running_reqs))
         return ScheduleBatch(prefill.reqs + decode.reqs, ForwardMode.EXTEND)
