@@ -381,7 +381,8 @@ class Scheduler:
         need = prefill.input_token_count() + len(self.running_reqs)
         chunked = self.chunked_req
         rest = chunked.seq_len - chunked.kv_len - chunked.extend_len if chunked is not None else 0
-        if not self._can_alloc(need) or self.allocator.available_size() + self.tree_cache.evictable_size() < need + rest:
+        full_free = self.allocator.available_size() + self.tree_cache.evictable_size()
+        if not self._can_alloc(need) or full_free < need + rest:
             return prefill
         decode = self._decode_batch(list(self.running_reqs))
         return ScheduleBatch(prefill.reqs + decode.reqs, ForwardMode.EXTEND)

@@ -111,10 +111,11 @@ def load_row(ptr, offs, mask):
 @functools.lru_cache(maxsize=None)
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on `device` use programmatic dependent launch (sm_90+; SGLANG_DISABLE_PDL=1,
-    read once per process, turns it off). A kernel launched with it may start while the previous kernel in the stream is
-    still running, once that one has called `allow_dependents`; it must call `wait_for_previous`
-    before touching anything an earlier kernel writes or reads (only constant weights may be read
-    before; Triton >= 3.6 keeps loads after an `is_pure=False` wait placed ahead of any loop)."""
+    read once per process, turns it off). A kernel launched with it may start while the previous
+    kernel in the stream is still running, once that one has called `allow_dependents`; it must call
+    `wait_for_previous` before touching anything an earlier kernel writes or reads (only constant
+    weights may be read before). Triton >= 3.6 keeps memory accesses after the wait when the wait
+    comes before any loop (its software pipeliner may hoist loads above a wait inside a loop)."""
     if INTERPRET or device.type != "cuda" or os.environ.get("SGLANG_DISABLE_PDL", "0") == "1":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
