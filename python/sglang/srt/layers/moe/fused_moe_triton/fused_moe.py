@@ -24,8 +24,8 @@ from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     ACT_SILU,
     FP4_BLOCK_ROWS,
     FP4_SCALE_BIAS,
-    FP4_SCALE_BYTE,
     FP4_WORD_BITS,
+    check_fp4_block_k,
     fp4_dequant_kernel,
     moe_align_kernel,
     moe_count_kernel,
@@ -194,8 +194,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Aligned
 def _launch_kwargs(t: GemmTile, w: ExpertWeights, block_m: int) -> dict:
     swap_ab = t.swap_ab
     if w.is_fp4:
-        if t.block_k % 64 or t.block_k > 8 * len(FP4_SCALE_BYTE):
-            raise ValueError(f"NVFP4 tiles need block_k a multiple of 64 and <= 512, got {t.block_k}")
+        check_fp4_block_k(t.block_k)
         # With block_m >= 64 tokens on the MMA's M side Triton picks wgmma, whose B operand must come
         # from shared memory, and (Triton 3.6) fails to lay out the decoded tile there; with the
         # weights on the M side (swap) the decoded tile is wgmma's A operand, which works.

@@ -76,6 +76,12 @@ FP4_SCALE_BYTE = tuple((w // 2) % 4 for w in range(64))
 _SCALE_BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
+def check_fp4_block_k(block_k: int) -> None:
+    """FP4 tiles step over whole 64-K blocks, and `_fp4_scale_selectors` reads one table byte per word."""
+    if block_k % 64 or block_k > 8 * len(FP4_SCALE_BYTE):
+        raise ValueError(f"NVFP4 tiles need block_k a multiple of 64 and <= {8 * len(FP4_SCALE_BYTE)}, got {block_k}")
+
+
 def scale_byte_table(device: torch.device) -> torch.Tensor:
     """FP4_SCALE_BYTE as the uint8 tensor the kernels read, one per device."""
     if device not in _SCALE_BYTE_TABLES:

@@ -19,13 +19,13 @@ import triton.language as tl
 from sglang.srt.layers.moe.fused_moe_triton.configs import GemvTile, MoeGemvConfig
 from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     FP4_BLOCK_WORDS,
-    FP4_SCALE_BYTE,
     FP4_UNSCALE,
     _fp4_decode_regs,
     _fp4_scale_selectors,
     _gemm1_epilogue,
     _halves,
     _weight_rows,
+    check_fp4_block_k,
     scale_byte_table,
 )
 from sglang.srt.layers.triton_ops.common import pdl_launch, pdl_start
@@ -152,8 +152,8 @@ def moe_gemv2_kernel(
 
 
 def _launch(t: GemvTile, w_fp4: bool, k: int, device: torch.device) -> dict:
-    if w_fp4 and (t.block_k % 64 or t.block_k > 8 * len(FP4_SCALE_BYTE)):
-        raise ValueError(f"NVFP4 GEMV tiles need block_k a multiple of 64 and <= 512, got {t.block_k}")
+    if w_fp4:
+        check_fp4_block_k(t.block_k)
     return dict(BN=t.block_n, BK=t.block_k, EVEN_K=k % t.block_k == 0, num_warps=t.num_warps, num_stages=t.num_stages,
                 **pdl_launch(device))
 
