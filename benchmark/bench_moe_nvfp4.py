@@ -321,6 +321,18 @@ def precompile(workers: int, formats: list[str], m_list: list[int], tune: str) -
         print("  ", f)
 
 
+def time_tiles(tiles: list[tuple], calls_for: Callable[[tuple], list[Callable[[], object]]]) -> dict:
+    """Seconds per call for each tile (`calls_for(tile)`: one call per routing, timed in one graph);
+    inf for a tile that fails to compile or launch (shared memory, registers)."""
+    times = {}
+    for t in tiles:
+        try:
+            times[t] = time_graph(calls_for(t))
+        except Exception:
+            times[t] = float("inf")
+    return times
+
+
 def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
     """Best (block_m, gemm1 tile, gemm2 tile) for one M, timing each GEMM over all candidates."""
     from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
@@ -330,26 +342,17 @@ def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
     for bm in block_m_candidates(m):
         aligned = [fm.moe_align(r.topk_ids, E, bm) for _, r in routings]
         t_align = time_graph([lambda r=r: fm.moe_align(r.topk_ids, E, bm) for _, r in routings])
-        g1 = {}
-        for t in gemm1_tiles_for(fmt, bm, m):
-            try:
-                g1[t] = time_graph([lambda x=x, a=a, t=t: fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t))
-                                    for (x, _), a in zip(routings, aligned)])  # fmt: skip
-            except Exception:
-                g1[t] = float("inf")
+        g1 = time_tiles(gemm1_tiles_for(fmt, bm, m), lambda t: [
+            lambda x=x, a=a: fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t)) for (x, _), a in zip(routings, aligned)])  # fmt: skip
         t1 = min(g1, key=g1.get)
         unsplit = min((t for t in g1 if t[5] == 1), key=g1.get)
         print(f"{fmt} M={m} block_m={bm}: gemm1 best {t1} {g1[t1] * 1e6:.1f} us, best unsplit {unsplit} "
               f"{g1[unsplit] * 1e6:.1f} us", flush=True)  # fmt: skip
         hs = [fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t1)) for (x, _), a in zip(routings, aligned)]
         outs = [torch.empty(m * TOP_K, H, dtype=torch.bfloat16, device="cuda") for _ in routings]
-        g2 = {}
-        for t in tiles_for(fmt, bm):
-            try:
-                g2[t] = time_graph([lambda h=h, a=a, r=r, o=o, t=t: fm.moe_gemm2(h, w, a, r.topk_weights, o, tile(*t))
-                                    for h, a, (_, r), o in zip(hs, aligned, routings, outs)])  # fmt: skip
-            except Exception:
-                g2[t] = float("inf")
+        g2 = time_tiles(tiles_for(fmt, bm), lambda t: [
+            lambda h=h, a=a, r=r, o=o: fm.moe_gemm2(h, w, a, r.topk_weights, o, tile(*t))
+            for h, a, (_, r), o in zip(hs, aligned, routings, outs)])  # fmt: skip
         t2 = min(g2, key=g2.get)
         total = t_align + g1[t1] + g2[t2]
         log[bm] = {"align_us": t_align * 1e6, "gemm1_us": {str(k): v * 1e6 for k, v in g1.items()},
@@ -368,25 +371,13 @@ def tune_gemv(w, m: int, routings, log: dict) -> dict:
     from sglang.srt.layers.moe.fused_moe_triton import moe_gemv as mv
     from sglang.srt.layers.moe.fused_moe_triton.configs import GemvTile
 
-    def sweep(tiles, make_call):
-        times = {}
-        for t in tiles:
-            try:
-                times[t] = time_graph([make_call(x, r, GemvTile(*t)) for x, r in routings])
-            except Exception:
-                times[t] = float("inf")
-        return times
-
-    g1 = sweep(GEMV1_TILES, lambda x, r, t: lambda: mv.moe_gemv1(x, w, r.topk_ids, 0, t))
+    g1 = time_tiles(GEMV1_TILES, lambda t: [
+        lambda x=x, r=r: mv.moe_gemv1(x, w, r.topk_ids, 0, GemvTile(*t)) for x, r in routings])  # fmt: skip
     t1 = min(g1, key=g1.get)
     hs = [mv.moe_gemv1(x, w, r.topk_ids, 0, GemvTile(*t1)) for x, r in routings]
-    g2 = {}
-    for t in GEMV2_TILES:
-        try:
-            g2[t] = time_graph([lambda h=h, r=r, t=t: mv.moe_gemv2(h, w, r.topk_ids, r.topk_weights, GemvTile(*t))
-                                for h, (_, r) in zip(hs, routings)])  # fmt: skip
-        except Exception:
-            g2[t] = float("inf")
+    g2 = time_tiles(GEMV2_TILES, lambda t: [
+        lambda h=h, r=r: mv.moe_gemv2(h, w, r.topk_ids, r.topk_weights, GemvTile(*t))
+        for h, (_, r) in zip(hs, routings)])  # fmt: skip
     t2 = min(g2, key=g2.get)
     log["gemv"] = {"gemm1_us": {str(k): v * 1e6 for k, v in g1.items()}, "gemm2_us": {str(k): v * 1e6 for k, v in g2.items()}}
     print(f"M={m} gemv: gemm1 {t1} {g1[t1] * 1e6:.1f} us, gemm2 {t2} {g2[t2] * 1e6:.1f} us", flush=True)

@@ -10,6 +10,7 @@ GEMM2 the down scale and the routing weight; rows are stored in pair order, so t
 reads them as the GEMM path's. Measured on the H200 this wins for bf16 experts up to 4 tokens and
 loses for NVFP4 ones (configs.GEMV_CONFIGS has the figures), so by default only bf16 experts come here.
 """
+
 from __future__ import annotations
 
 import torch
