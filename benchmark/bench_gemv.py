@@ -23,7 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_moe_nvfp4 import measure_ceilings, time_graph  # noqa: E402
 
-from sglang.srt.layers.triton_ops.gemv import gemv, gemv_config  # noqa: E402
+from sglang.srt.layers.triton_ops.gelu_and_mul import gelu_tanh_and_mul  # noqa: E402
+from sglang.srt.layers.triton_ops.gemv import gemv, gemv_config, gemv_gelu_tanh_and_mul  # noqa: E402
 
 # (name, N, K, calls per decode step) for nvidia/Gemma-4-26B-A4B-NVFP4 (25 sliding + 5 full layers).
 SHAPES = [
@@ -72,6 +73,20 @@ def bench_shape(n: int, k: int, tune: bool) -> dict:
     return row
 
 
+def bench_gated(n: int = 4224, k: int = 2816) -> dict:
+    """The dense MLP's gate_up projection and its tanh-GELU(gate) * up: two launches (GEMV, then
+    gelu_tanh_and_mul) against the GEMV with the activation in its epilogue, at a few row tiles."""
+    ws = weight_copies(n, k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    row = {"two_launches_s": time_per_call(lambda a, w: gelu_tanh_and_mul(gemv(a, w)), ws, x)}
+    for block_n in (4, 8, 16):
+        cfg = (block_n, 1024, 4, 3)
+        row[f"fused_{block_n}_s"] = time_per_call(lambda a, w, c=cfg: gemv_gelu_tanh_and_mul(a, w, c), ws, x)
+    row["fused_default_s"] = time_per_call(gemv_gelu_tanh_and_mul, ws, x)
+    print("mlp gate_up + gelu: " + ", ".join(f"{key[:-2]} {t * 1e6:.2f} us" for key, t in row.items()), flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune", action="store_true", help="sweep tile configs (slow: one compile per config)")
@@ -92,9 +107,10 @@ def main() -> None:
               f" {r['best_s'] * 1e6:8.2f} {str(r['best_config']):22s} {r['default_err']:.1e}/{r['cublas_err']:.1e}", flush=True)  # fmt: skip
     step = lambda key: sum(r[key] * r["calls_per_step"] for r in rows) * 1e6  # noqa: E731
     print(f"dense time per batch-1 decode step: cuBLAS {step('cublas_s'):.0f} us, ours {step('default_s'):.0f} us, best-tuned {step('best_s'):.0f} us")
+    gated = bench_gated()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "ceilings": ceil, "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "ceilings": ceil, "rows": rows, "gated": gated}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ own with `start_server`. Every server is stopped with SIGTERM and must exit clea
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import httpx
@@ -212,15 +214,51 @@ class FakeModelRunner:
             assert torch.equal(window, full), f"swa window of row {row} at {lo}:{seq_len} is wrong: {window.tolist()} vs {full.tolist()}"
 
 
-def assert_pdl_waits_first(ptx: str, name: str, loads_before: bool = False) -> None:
+def _pointers_read_before_wait(ptx: str) -> set[int]:
+    """Indices of the pointer parameters that global loads before griddepcontrol.wait read through:
+    each load's address traced back through the PTX registers it is computed from (straight-line
+    code, so every register's sources are known) to the parameters at the roots."""
+    head = re.sub(r"//[^\n]*", "", ptx[: ptx.find("griddepcontrol.wait")])
+    pointers = {int(i) for i in re.findall(r"\.param \.u64 \.ptr[^,\n]*_param_(\d+)", ptx)}
+    sources: dict[str, set[str]] = {}
+    roots: dict[str, int] = {}
+    reached: set[int] = set()
+
+    def params_of(regs: list[str]) -> set[int]:
+        seen, todo, found = set(), list(regs), set()
+        while todo:
+            reg = todo.pop()
+            if reg not in seen:
+                seen.add(reg)
+                found |= {roots[reg]} if reg in roots else set()
+                todo.extend(sources.get(reg, ()))
+        return found
+
+    for line in head.splitlines():  # PTX: one instruction a line
+        instr = re.sub(r"^[\s{}]*(@!?%\w+\s+)?", "", line)  # braces of inline asm, predicate guard
+        if m := re.match(r"ld\.param\S*\s+(%\w+),\s*\[\w+_param_(\d+)\]", instr):
+            roots[m[1]] = int(m[2])
+        elif instr.startswith(("ld.global", "cp.async")):
+            address = re.findall(r"%\w+", " ".join(re.findall(r"\[([^\]]*)\]", instr)))
+            reached |= params_of(address)
+            for dest in re.findall(r"%\w+", instr.split("[")[0]):  # a loaded pointer leads back too
+                sources.setdefault(dest, set()).update(address)
+        elif regs := re.findall(r"%\w+", instr):
+            sources.setdefault(regs[0], set()).update(regs[1:])
+    return reached & pointers
+
+
+def assert_pdl_waits_first(ptx: str, name: str, params: Sequence[str] = (), weights: Collection[str] = ()) -> None:
     """A kernel launched with programmatic dependent launch may start before its predecessor ends, so
     its PTX must wait (griddepcontrol.wait) before any global store, and before any global load
-    unless `loads_before` (the GEMV reads its constant weights early on purpose)."""
+    except through the pointer parameters named in `weights` (constant weights that a kernel reads
+    early on purpose); `params` are the kernel's parameter names in order."""
     at = ptx.find("griddepcontrol.wait")
     assert at >= 0, f"{name}: no griddepcontrol.wait in the PTX"
-    kinds = ("st.global", "atom.global", "red.global") + (() if loads_before else ("ld.global", "cp.async"))
-    early = [k for k in kinds if k in ptx[:at]]
+    early = [k for k in ("st.global", "atom.global", "red.global") if k in ptx[:at]]
     assert not early, f"{name}: {early} before griddepcontrol.wait"
+    read = {params[i] if i < len(params) else f"param {i}" for i in _pointers_read_before_wait(ptx)}
+    assert read <= set(weights), f"{name}: reads {sorted(read - set(weights))} before griddepcontrol.wait"
 
 
 def reference_continuation(prompt: list[int], n: int, vocab_size: int = 97) -> list[int]:

@@ -393,6 +393,26 @@ def test_gemv_single_row(n, k, config):
     assert_matches(gemv(x, weight, config), ref)
 
 
+@pytest.mark.parametrize("inter, k, config", [(40, 100, None), (1100, 64, None), (37, 130, (8, 64, 4, 2)), (5, 96, (2, 32, 4, 1))])
+def test_gemv_gelu_tanh_and_mul(inter, k, config):
+    """The dense MLP's gate_up projection with tanh-GELU(gate) * up in the GEMV's epilogue, through
+    Gemma4MLP's dispatch and with forced tiles (inter not a multiple of the outputs a program)."""
+    from sglang.srt.layers.triton_ops.gemv import gemv_gelu_tanh_and_mul
+    from sglang.srt.models.gemma4_causal import Gemma4MLP
+
+    gen = _gen(12)
+    mlp = Gemma4MLP(k, inter, "gelu_pytorch_tanh", torch.bfloat16, None, "mlp").to(DEV)
+    for param in mlp.parameters():
+        param.data.copy_(_randn(gen, *param.shape, dtype=torch.bfloat16, scale=0.2))
+    x = _randn(gen, 1, k, dtype=torch.bfloat16)
+    assert_matches(*both(mlp, x))
+    ref = get_act_and_mul_fn("gelu_pytorch_tanh")(torch.nn.functional.linear(x, mlp.gate_up_proj.weight))
+    assert_matches(gemv_gelu_tanh_and_mul(x, mlp.gate_up_proj.weight, config), ref)
+    with fused_ops(True):  # the fused launch is what the MLP takes for one row, and only there
+        assert mlp.gate_up_proj.forward_gelu_tanh_and_mul(x) is not None
+        assert mlp.gate_up_proj.forward_gelu_tanh_and_mul(x.repeat(2, 1)) is None
+
+
 def test_gemv_is_used_only_where_it_applies():
     from sglang.srt.layers.triton_ops.gemv import supports
 
@@ -472,13 +492,21 @@ def _compile_for_sm90() -> None:
 
     bf, f32, i32 = "*bf16", "fp32", "i32"
 
+    # Constant weights each PDL kernel loads before waiting for its predecessor, on purpose.
+    early_reads = {
+        gemv._gemv_kernel: ("w_ptr",),
+        ffn_combine._ffn_combine_kernel: ("w_dense_ptr", "w_moe_ptr", "w_post_ptr", "w_next_ptr", "scalar_ptr"),
+        post_attention_norms._post_attention_norms_kernel: ("w_post_ptr", "w_mlp_ptr", "w_moe_ptr", "router_scale_ptr"),
+        qkv_norm_rope._qkv_norm_rope_kernel: ("qw_ptr", "kw_ptr"),
+    }
+
     def compile_one(fn, args: dict, consts: dict, num_warps: int) -> None:
         sig = {**args, **{name: "constexpr" for name in consts}}
         opts = {"num_warps": num_warps, "enable_fp_fusion": False}
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         if consts.get("PDL"):
-            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__, loads_before=fn is gemv._gemv_kernel)
+            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__, list(args), early_reads.get(fn, ()))
 
     norm = dict(x_ptr=bf, w_ptr=bf, out_ptr=bf, stride_x=i32, n_cols=i32, inv_n=f32, eps=f32)
     compile_one(rmsnorm._rmsnorm_kernel, norm, {"HAS_W": True, "BLOCK": 4096}, 8)
@@ -514,8 +542,41 @@ def _compile_for_sm90() -> None:
     )  # fmt: skip
     compile_one(router_topk._router_topk_kernel, topk, {"HAS_SCALE": True, "TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8, "PDL": True}, 1)
     gemv_args = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N=i32, K=i32, stride_wn=i32)
-    for block_n, block_k, pdl in ((8, 256, True), (4, 1024, False)):
-        compile_one(gemv._gemv_kernel, gemv_args, {"BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": False, "PDL": pdl}, 4)
+    for block_n, block_k, gated, pdl in ((8, 256, False, True), (4, 1024, False, False), (8, 1024, True, True)):
+        consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": False, "GATED": gated, "PDL": pdl}
+        compile_one(gemv._gemv_kernel, gemv_args, consts, 4)
+
+
+_PDL_PTX = """
+    .param .u64 .ptr .global .align 1 k_param_0,
+    .param .u64 .ptr .global .align 1 k_param_1,
+    .param .u32 k_param_2
+    ld.param.b64 %rd1, [k_param_0];
+    ld.param.b64 %rd2, [k_param_1];
+    ld.param.b32 %r1, [k_param_2];
+    mul.wide.s32 %rd3, %r1, 2;
+    add.s64 %rd4, %rd1, %rd3;
+    @%p1 ld.global.b16 { %rs1 }, [ %rd4 + 0 ];  // EARLY
+    griddepcontrol.wait ;
+    ld.global.b16 { %rs2 }, [ %rd2 + 0 ];
+"""
+
+
+def test_pdl_check_traces_early_loads_to_their_pointer_parameters():
+    """The PTX check of the compile tests: a load before the wait passes only when the pointer its
+    address is computed from is a named weight; a store before the wait never does."""
+    from conftest import assert_pdl_waits_first
+
+    params = ["w_ptr", "x_ptr", "n"]
+    assert_pdl_waits_first(_PDL_PTX, "k", params, ["w_ptr"])
+    with pytest.raises(AssertionError, match="w_ptr"):
+        assert_pdl_waits_first(_PDL_PTX, "k", params)
+    activation_early = _PDL_PTX.replace("// EARLY", "ld.global.b16 { %rs3 }, [ %rd2 + 0 ];")
+    with pytest.raises(AssertionError, match="x_ptr"):
+        assert_pdl_waits_first(activation_early, "k", params, ["w_ptr"])
+    store_early = _PDL_PTX.replace("// EARLY", "st.global.b16 [ %rd4 + 0 ], %rs1;")
+    with pytest.raises(AssertionError, match="st.global"):
+        assert_pdl_waits_first(store_early, "k", params, ["w_ptr"])
 
 
 def _ptxas_available() -> bool:

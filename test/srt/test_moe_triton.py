@@ -241,7 +241,7 @@ def _compile_split_k_for_sm90() -> None:
         opts = {"num_warps": num_warps, "num_stages": num_stages}
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         if consts.get("PDL"):
-            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__)
+            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__, list(args))
 
     i32, ptr = "i32", "*i32"
     rows = dict(sorted_ids_ptr=ptr, block_expert_ptr=ptr, num_padded_ptr=ptr, num_pairs=i32)

@@ -16,8 +16,8 @@ _ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
 }
-# Activations the fused act(gate) * up kernel computes.
-_FUSED_AND_MUL = ("gelu_pytorch_tanh", "gelu_tanh")
+# Activations the fused act(gate) * up kernels compute (tanh-GELU).
+FUSED_AND_MUL = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
 def get_act_fn(name: str):
@@ -29,7 +29,7 @@ def get_act_fn(name: str):
 def get_act_and_mul_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """gate_up [..., 2I] = [gate | up] -> act(gate) * up [..., I], fused into one kernel when enabled."""
     act = get_act_fn(name)
-    fusable = name in _FUSED_AND_MUL
+    fusable = name in FUSED_AND_MUL
 
     def act_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         if fusable and fused_ops_enabled(gate_up):

@@ -23,14 +23,22 @@ def check_shape(name: str, expected: tuple, loaded: torch.Tensor) -> None:
         raise WeightShapeError(f"{name}: expected shape {tuple(expected)}, got {tuple(loaded.shape)}")
 
 
+def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One bf16 row on the GPU (batch-1 decode), where our Triton GEMV beats cuBLAS."""
+    if not (x.dim() == 2 and x.shape[0] == 1 and fused_ops_enabled(x)):
+        return False
+    from sglang.srt.layers.triton_ops.gemv import supports
+
+    return supports(x, weight)
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T: our Triton GEMV for one bf16 row on the GPU (batch-1 decode, where cuBLAS
     leaves bandwidth unused), cuBLAS / torch otherwise."""
-    if x.dim() == 2 and x.shape[0] == 1 and fused_ops_enabled(x):
-        from sglang.srt.layers.triton_ops.gemv import gemv, supports
+    if _takes_gemv(x, weight):
+        from sglang.srt.layers.triton_ops.gemv import gemv
 
-        if supports(x, weight):
-            return gemv(x, weight)
+        return gemv(x, weight)
     return F.linear(x, weight)
 
 
@@ -108,3 +116,13 @@ class ReplicatedLinear(LinearBase):
 
 class MergedColumnLinear(LinearBase):
     """Several projections of the same input computed as one matmul (q/k/v, gate/up)."""
+
+    def forward_gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """gelu_tanh(x @ gate^T) * (x @ up^T) for an unquantized [gate; up] pair in one GEMV launch
+        with the activation in its epilogue (batch-1 decode); None where that path does not apply."""
+        two_halves = len(self.output_sizes) == 2 and self.output_sizes[0] == self.output_sizes[1]
+        if not (two_halves and isinstance(self.quant_method, UnquantizedLinearMethod) and _takes_gemv(x, self.weight)):
+            return None
+        from sglang.srt.layers.triton_ops.gemv import gemv_gelu_tanh_and_mul
+
+        return gemv_gelu_tanh_and_mul(x, self.weight)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sglang.srt.configs.model_config import LayerSpec
-from sglang.srt.layers.activation import get_act_and_mul_fn
+from sglang.srt.layers.activation import FUSED_AND_MUL, get_act_and_mul_fn
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import MergedColumnLinear, ReplicatedLinear, WeightShapeError, check_shape, dense_linear
 from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
@@ -102,9 +102,13 @@ class Gemma4MLP(torch.nn.Module):
         )
         self.down_proj = ReplicatedLinear(inter, hidden, dtype, quant_config, f"{prefix}.down_proj")
         self.act_and_mul = get_act_and_mul_fn(act)
+        self.gelu_tanh = act in FUSED_AND_MUL
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+        h = self.gate_up_proj.forward_gelu_tanh_and_mul(x) if self.gelu_tanh else None
+        if h is None:
+            h = self.act_and_mul(self.gate_up_proj(x))
+        return self.down_proj(h)
 
 
 class Gemma4Router(torch.nn.Module):

@@ -82,18 +82,20 @@ def inv_rms(sum_sq, inv_n, eps):
 
 
 @triton.jit
-def scale_row(x, r, w_ptr, offs, mask, HAS_W: tl.constexpr, DTYPE: tl.constexpr):
-    """(x * r) [* weight.float()] rounded to DTYPE: the tail of RMSNorm.forward."""
+def scale_row(x, r, w, HAS_W: tl.constexpr, DTYPE: tl.constexpr):
+    """(x * r) [* w] rounded to DTYPE: the tail of RMSNorm.forward; w is the weight row already
+    loaded as fp32 (see `load_row`: kernels load weights before waiting on their inputs)."""
     out = x * r
     if HAS_W:
-        out = out * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        out = out * w
     return round_to(out, DTYPE)
 
 
 @triton.jit
-def rmsnorm_row(x, w_ptr, offs, mask, inv_n, eps, HAS_W: tl.constexpr, DTYPE: tl.constexpr):
-    """RMSNorm of one fp32 row (masked lanes zero), result rounded to DTYPE, returned as fp32."""
-    return scale_row(x, inv_rms(tl.sum(x * x, axis=0), inv_n, eps), w_ptr, offs, mask, HAS_W, DTYPE)
+def rmsnorm_row(x, w, inv_n, eps, HAS_W: tl.constexpr, DTYPE: tl.constexpr):
+    """RMSNorm of one fp32 row (masked lanes zero) with the loaded weight row w, rounded to DTYPE,
+    returned as fp32."""
+    return scale_row(x, inv_rms(tl.sum(x * x, axis=0), inv_n, eps), w, HAS_W, DTYPE)
 
 
 @triton.jit

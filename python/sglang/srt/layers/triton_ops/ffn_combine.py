@@ -37,20 +37,28 @@ def _ffn_combine_kernel(
     h_out, next_out, stride_h, stride_dense, stride_moe, stride_pair, n_cols, inv_n, eps,
     HAS_MOE: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    pdl_start(PDL)
     row, offs, mask = row_lanes(n_cols, BLOCK)
+    # Weights first: no kernel writes them, so under PDL their loads overlap the previous kernel's
+    # tail, and after the wait one round trip fetches the activations. (Dense layers pass w_post as
+    # w_dense and w_moe: loaded, unused.)
+    w_dense = load_row(w_dense_ptr, offs, mask)
+    w_moe = load_row(w_moe_ptr, offs, mask)
+    w_post = load_row(w_post_ptr, offs, mask)
+    w_next = load_row(w_next_ptr, offs, mask)
+    scalar = tl.load(scalar_ptr).to(tl.float32)
+    pdl_start(PDL)
     DTYPE: tl.constexpr = h_out.dtype.element_ty
     ffw = load_row(dense_ptr + row * stride_dense, offs, mask)
+    h = load_row(h_ptr + row * stride_h, offs, mask)
     if HAS_MOE:
         moe = _sum_pairs(moe_ptr + row * stride_moe, stride_pair, offs, mask, TOP_K, DTYPE)
-        ffw = rmsnorm_row(ffw, w_dense_ptr, offs, mask, inv_n, eps, True, DTYPE)
-        ffw = round_to(ffw + rmsnorm_row(moe, w_moe_ptr, offs, mask, inv_n, eps, True, DTYPE), DTYPE)
-    h = load_row(h_ptr + row * stride_h, offs, mask)
-    h = round_to(h + rmsnorm_row(ffw, w_post_ptr, offs, mask, inv_n, eps, True, DTYPE), DTYPE)
-    h = round_to(h * tl.load(scalar_ptr).to(tl.float32), DTYPE)
+        ffw = rmsnorm_row(ffw, w_dense, inv_n, eps, True, DTYPE)
+        ffw = round_to(ffw + rmsnorm_row(moe, w_moe, inv_n, eps, True, DTYPE), DTYPE)
+    h = round_to(h + rmsnorm_row(ffw, w_post, inv_n, eps, True, DTYPE), DTYPE)
+    h = round_to(h * scalar, DTYPE)
     out = row * n_cols + offs
     tl.store(h_out + out, h, mask=mask)
-    tl.store(next_out + out, rmsnorm_row(h, w_next_ptr, offs, mask, inv_n, eps, True, DTYPE), mask=mask)
+    tl.store(next_out + out, rmsnorm_row(h, w_next, inv_n, eps, True, DTYPE), mask=mask)
 
 
 def ffn_combine(

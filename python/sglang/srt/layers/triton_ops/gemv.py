@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from sglang.srt.layers.triton_ops.common import allow_dependents, pdl_launch, round_to, wait_for_previous
+from sglang.srt.layers.triton_ops.gelu_and_mul import gelu_tanh
 
 
 @triton.jit
@@ -27,13 +28,21 @@ def _load_k(ptrs, k_ok, EVEN_K: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, N, K, stride_wn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """y = x @ W^T over BLOCK_N weight rows a program. GATED: W = [gate; up] (N rows each) and
+    y = gelu_tanh(x @ gate^T) * (x @ up^T); a program's rows are its BLOCK_N / 2 outputs' gate and
+    up rows interleaved, so the dense MLP needs no separate activation kernel."""
+    if GATED:
+        r = tl.arange(0, BLOCK_N)
+        offs_y = tl.program_id(0) * (BLOCK_N // 2) + r // 2
+        rows = offs_y + (r % 2) * N
+    else:
+        offs_y = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_y
     offs_k = tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N
-    # Columns past N re-read row 0 (always valid) and are dropped at the store: no load mask needed.
-    w_ptrs = w_ptr + tl.where(n_ok, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    # Rows past the end re-read row 0 (always valid) and are dropped at the store: no load mask needed.
+    w_ptrs = w_ptr + tl.where(offs_y < N, rows, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     # No kernel writes the weights: under PDL the first tile streams in while the kernel producing x
     # is still finishing.
     w = _load_k(w_ptrs, (offs_k < K)[None, :], EVEN_K)
@@ -46,7 +55,13 @@ def _gemv_kernel(
         x = _load_k(x_ptr + k0 + offs_k, k_ok, EVEN_K)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    tl.store(y_ptr + offs_n, round_to(tl.sum(acc, axis=1), DTYPE), mask=n_ok)
+    y = round_to(tl.sum(acc, axis=1), DTYPE)
+    if GATED:
+        # torch: gate_up stored in DTYPE, F.gelu's output rounded, then the product rounded.
+        gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+        y = round_to(round_to(gelu_tanh(gate), DTYPE) * up, DTYPE)
+        offs_y = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(y_ptr + offs_y, y, mask=offs_y < N)
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -68,13 +83,27 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T -> [1, N] in x's dtype, fp32 accumulation, rounded once."""
+    return _launch(x, weight, weight.shape[0], config, gated=False)
+
+
+def gemv_gelu_tanh_and_mul(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """gelu_tanh(x @ gate^T) * (x @ up^T) -> [1, N] for weight = [gate; up] [2N, K], rounded as
+    F.linear, F.gelu and the product are in torch (one launch instead of GEMV + gelu_tanh_and_mul)."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"gate_up weight needs an even number of rows, got {weight.shape[0]}")
+    return _launch(x, weight, weight.shape[0] // 2, config, gated=True)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, n_out: int, config: tuple[int, int, int, int] | None, gated: bool) -> torch.Tensor:
     n, k = weight.shape
     x = x.contiguous()
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
     block_n, block_k, warps, stages = config or gemv_config(n, k)
+    if gated:
+        block_n = max(block_n, 2)  # rows a program: gate and up of block_n / 2 outputs
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, y, n, k, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages,
-        **pdl_launch(x.device),
+        x, weight, y, n_out, k, weight.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, GATED=gated, num_warps=warps,
+        num_stages=stages, **pdl_launch(x.device),
     )  # fmt: skip
     return y

@@ -27,20 +27,25 @@ def _post_attention_norms_kernel(
     stride_h, stride_attn, n_cols, inv_n, eps, root_size,
     HAS_MOE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
-    pdl_start(PDL)
     row, offs, mask = row_lanes(n_cols, BLOCK)
+    # Weights before the wait (see ffn_combine); dense layers pass w_mlp for w_moe and router_scale.
+    w_post = load_row(w_post_ptr, offs, mask)
+    w_mlp = load_row(w_mlp_ptr, offs, mask)
+    w_moe = load_row(w_moe_ptr, offs, mask)
+    router_scale = load_row(router_scale_ptr, offs, mask)
+    pdl_start(PDL)
     DTYPE: tl.constexpr = h_out.dtype.element_ty
     attn = load_row(attn_ptr + row * stride_attn, offs, mask)
     h = load_row(h_ptr + row * stride_h, offs, mask)
-    h = round_to(h + rmsnorm_row(attn, w_post_ptr, offs, mask, inv_n, eps, True, DTYPE), DTYPE)
+    h = round_to(h + rmsnorm_row(attn, w_post, inv_n, eps, True, DTYPE), DTYPE)
     out = row * n_cols + offs
     tl.store(h_out + out, h, mask=mask)
     r = inv_rms(tl.sum(h * h, axis=0), inv_n, eps)
-    tl.store(mlp_out + out, scale_row(h, r, w_mlp_ptr, offs, mask, True, DTYPE), mask=mask)
+    tl.store(mlp_out + out, scale_row(h, r, w_mlp, True, DTYPE), mask=mask)
     if HAS_MOE:
-        tl.store(moe_out + out, scale_row(h, r, w_moe_ptr, offs, mask, True, DTYPE), mask=mask)
-        x = scale_row(h, r, w_moe_ptr, offs, mask, False, DTYPE)
-        x = round_to(x * load_row(router_scale_ptr, offs, mask), DTYPE)
+        tl.store(moe_out + out, scale_row(h, r, w_moe, True, DTYPE), mask=mask)
+        x = scale_row(h, r, w_moe, False, DTYPE)
+        x = round_to(x * router_scale, DTYPE)
         tl.store(router_out + out, round_to(x * root_size, DTYPE), mask=mask)
 
 

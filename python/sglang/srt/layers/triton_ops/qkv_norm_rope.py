@@ -41,23 +41,24 @@ def _load_heads(ptr, heads, offs, mask):
 
 @triton.jit
 def _norm_rope_heads(
-    src, num_heads, w_ptr, cos_row, sin_row, inv_d, eps,
+    src, num_heads, w_a, w_b, cos_row, sin_row, inv_d, eps,
     HAS_W: tl.constexpr, ROPE: tl.constexpr, DTYPE: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):  # fmt: skip
-    """RMSNorm (then rotary when ROPE) of `num_heads` consecutive heads of one token: the two halves
-    of each head as fp32 tiles holding DTYPE values."""
+    """RMSNorm (weight halves w_a, w_b already loaded), then rotary when ROPE, of `num_heads`
+    consecutive heads of one token: the two halves of each head as fp32 tiles holding DTYPE values."""
     heads, offs, col_mask, mask = _head_tile(num_heads, HALF, BLOCK_H, BLOCK_HALF)
     # the two halves of each head apart: rotate-half pairs element i with element i + HALF
     a = _load_heads(src, heads, offs, mask)
     b = _load_heads(src + HALF, heads, offs, mask)
-    r = inv_rms(tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1), inv_d, eps)[:, None]
-    a = scale_row(a, r, w_ptr, offs, col_mask, HAS_W, DTYPE)  # RMSNorm's output, rounded
-    b = scale_row(b, r, w_ptr + HALF, offs, col_mask, HAS_W, DTYPE)
-    if ROPE:
-        # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-b, a]
+    if ROPE:  # loaded with the heads, ahead of the reduction: one memory round trip for all
         cos_a, cos_b = load_row(cos_row, offs, col_mask)[None, :], load_row(cos_row + HALF, offs, col_mask)[None, :]
         sin_a, sin_b = load_row(sin_row, offs, col_mask)[None, :], load_row(sin_row + HALF, offs, col_mask)[None, :]
+    r = inv_rms(tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1), inv_d, eps)[:, None]
+    a = scale_row(a, r, w_a[None, :], HAS_W, DTYPE)  # RMSNorm's output, rounded
+    b = scale_row(b, r, w_b[None, :], HAS_W, DTYPE)
+    if ROPE:
+        # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-b, a]
         a, b = round_to(a * cos_a - b * sin_a, DTYPE), round_to(b * cos_b + a * sin_b, DTYPE)
     return a, b
 
@@ -90,18 +91,24 @@ def _qkv_norm_rope_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Grid (T, 3): program (t, 0) does token t's q heads, (t, 1) its k heads, (t, 2) its v heads."""
-    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
     DTYPE: tl.constexpr = q_ptr.dtype.element_ty
     CACHE: tl.constexpr = k_cache.dtype.element_ty
+    # The norm weight before the wait: no kernel writes it (v heads load k's, unused).
+    w_ptr = kw_ptr
+    if group == 0:
+        w_ptr = qw_ptr
+    offs = tl.arange(0, BLOCK_HALF)
+    w_a, w_b = load_row(w_ptr, offs, offs < HALF), load_row(w_ptr + HALF, offs, offs < HALF)
+    pdl_start(PDL)
     row = qkv_ptr + t * stride_qkv
     cos_row = cos_ptr + t * stride_cs
     sin_row = sin_ptr + t * stride_cs
     if group == 0:
         a, b = _norm_rope_heads(
-            row, num_heads, qw_ptr, cos_row, sin_row, inv_d, eps, True, True, DTYPE, HALF, BLOCK_H, BLOCK_HALF
+            row, num_heads, w_a, w_b, cos_row, sin_row, inv_d, eps, True, True, DTYPE, HALF, BLOCK_H, BLOCK_HALF
         )
         _store_heads(q_ptr + t * num_heads * HEAD_DIM, a, b, num_heads, HALF, BLOCK_H, BLOCK_HALF)
     else:
@@ -109,12 +116,12 @@ def _qkv_norm_rope_kernel(
         if group == 1:
             k_src = row + num_heads * HEAD_DIM
             a, b = _norm_rope_heads(
-                k_src, num_kv_heads, kw_ptr, cos_row, sin_row, inv_d, eps, True, True, DTYPE, HALF, BLOCK_H, BLOCK_HALF
+                k_src, num_kv_heads, w_a, w_b, cos_row, sin_row, inv_d, eps, True, True, DTYPE, HALF, BLOCK_H, BLOCK_HALF
             )
             dst, inv_scale = k_cache + slot * stride_k_cache, inv_k_scale
         else:  # v: norm without weight, no rope
             a, b = _norm_rope_heads(
-                row + v_col, num_kv_heads, kw_ptr, cos_row, sin_row, inv_d, eps, False, False, DTYPE, HALF, BLOCK_H,
+                row + v_col, num_kv_heads, w_a, w_b, cos_row, sin_row, inv_d, eps, False, False, DTYPE, HALF, BLOCK_H,
                 BLOCK_HALF,
             )  # fmt: skip
             dst, inv_scale = v_cache + slot * stride_v_cache, inv_v_scale

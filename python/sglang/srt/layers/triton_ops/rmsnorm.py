@@ -13,7 +13,8 @@ from sglang.srt.layers.triton_ops.common import inv_count, load_row, rmsnorm_row
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, n_cols, inv_n, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
     row, offs, mask = row_lanes(n_cols, BLOCK)
     x = load_row(x_ptr + row * stride_x, offs, mask)
-    out = rmsnorm_row(x, w_ptr, offs, mask, inv_n, eps, HAS_W, out_ptr.dtype.element_ty)
+    w = load_row(w_ptr, offs, mask)  # without a weight the host passes x: a valid, unused row
+    out = rmsnorm_row(x, w, inv_n, eps, HAS_W, out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * n_cols + offs, out, mask=mask)
 
 

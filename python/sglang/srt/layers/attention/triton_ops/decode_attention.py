@@ -41,10 +41,10 @@ class DecodeConfig:
 
 def default_decode_config(head_dim: int) -> DecodeConfig:
     """32-key tiles, 3 stages: the best of a sweep on H200 (benchmark/README_attention.md): 0.90
-    (full) and 0.99 (sliding) of copy bandwidth at batch 64, 8k context. min_chunk 32 on sliding
-    layers: 8.7 us vs 10.2 (64) vs 12.9 (128) at batch 1, where the window's 1024 keys are latency-bound."""
-    if head_dim >= 512:
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=3, min_chunk=128)
+    (full) and 0.99 (sliding) of copy bandwidth at batch 64, 8k context. min_chunk 32: at batch 1
+    and ~1k keys the layer is latency-bound and more, shorter splits win (sliding 8.7 us vs 10.2 with
+    64 vs 12.9 with 128; full, fp8, 1024 keys: 8.5 us vs 10.8 with 64 vs 16.2 with 128). Large
+    batches and long contexts give chunks above 32 keys anyway."""
     if head_dim >= 256:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3, min_chunk=32)
     return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_chunk=64)
