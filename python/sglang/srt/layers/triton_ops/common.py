@@ -84,7 +84,7 @@ def inv_rms(sum_sq, inv_n, eps):
 @triton.jit
 def scale_row(x, r, w, HAS_W: tl.constexpr, DTYPE: tl.constexpr):
     """(x * r) [* w] rounded to DTYPE: the tail of RMSNorm.forward; w is the weight row already
-    loaded as fp32 (see `load_row`: kernels load weights before waiting on their inputs)."""
+    loaded as fp32 (the kernels load weight rows first, ahead of their PDL wait)."""
     out = x * r
     if HAS_W:
         out = out * w
