@@ -154,7 +154,7 @@ def bench_decode(
 
     us = graph_time_us(call, len(pools.k))
     gbs = nbytes / (us * 1e-6) / 1e9
-    cfg = cfg or default_decode_config(g.head_dim)
+    cfg = cfg or default_decode_config(g.head_dim, batch, kv_dtype == torch.float8_e4m3fn)
     return dict(kind="decode", geom=g.name, batch=batch, ctx=ctx, kv=str(kv_dtype).split(".")[-1],
                 splits=splits, cfg=asdict(cfg), us=us, kv_mb=nbytes / 1e6, gbs=gbs, frac_copy=gbs / copy_gbs)  # fmt: skip
 

@@ -39,12 +39,17 @@ class DecodeConfig:
     min_chunk: int  # fewest keys one split takes (keeps partial-output traffic small)
 
 
-def default_decode_config(head_dim: int) -> DecodeConfig:
+def default_decode_config(head_dim: int, batch: int = 1, fp8_kv: bool = False) -> DecodeConfig:
     """32-key tiles, 3 stages: the best of a sweep on H200 (benchmark/README_attention.md): 0.90
     (full) and 0.99 (sliding) of copy bandwidth at batch 64, 8k context. min_chunk 32: at batch 1
     and ~1k keys the layer is latency-bound and more, shorter splits win (sliding 8.7 us vs 10.2 with
     64 vs 12.9 with 128; full, fp8, 1024 keys: 8.5 us vs 10.8 with 64 vs 16.2 with 128). Large
-    batches and long contexts give chunks above 32 keys anyway."""
+    batches and long contexts give chunks above 32 keys anyway. fp8 KV with 256-dim heads from batch
+    16: 64-key tiles, which spread the per-tile softmax work over more keys in that instruction-bound
+    kernel (1k keys: 118.5 vs 127.0 us at batch 64, 39.7 vs 46.7 at 16; at batch 1 they lose, 9.4
+    vs 7.6, and on 512-dim heads at batch 64 too, 131 vs 84)."""
+    if head_dim == 256 and fp8_kv and batch >= 16:
+        return DecodeConfig(block_n=64, num_warps=4, num_stages=3, min_chunk=32)
     if head_dim >= 256:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3, min_chunk=32)
     return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_chunk=64)
@@ -177,7 +182,7 @@ def decode_attention_fwd(
     group = num_heads // kv_heads
     assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1 and out.stride(2) == 1
     assert req_to_token.stride(1) == 1
-    cfg = config or default_decode_config(head_dim)
+    cfg = config or default_decode_config(head_dim, batch, is_fp8(k_buffer.dtype))
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
     mid_shape = (1, 1) if direct else (batch, num_heads, num_splits)
