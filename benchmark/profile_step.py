@@ -5,9 +5,10 @@
 
 decode: prefills `batch-size` random prompts, then profiles decode steps. prefill: profiles the
 prefill of `batch-size` fresh prompts of `input-len` tokens (KV released after each). Each step is
-timed three ways: the whole step as bench_one_batch sees it (inputs built, forward, argmax copied
-back), the host time until the forward returns (launches queued), and the sum of GPU kernel durations
-from torch.profiler. The per-kernel table groups kernels by name so a layer's share is readable
+timed four ways: the whole step as bench_one_batch sees it (inputs built, forward, argmax copied
+back), the host time until the forward returns (launches queued), decode's CUDA graph replayed back
+to back (the GPU time alone, host preparation excluded: the figure to compare kernel changes by),
+and the sum of GPU kernel durations from torch.profiler. The per-kernel table groups kernels by name so a layer's share is readable
 (e.g. all `moe_gemm1_kernel` calls). Kernels inside replayed CUDA graphs are seen too.
 """
 
@@ -78,6 +79,24 @@ def _time_steps(stepper: _Stepper, steps: int) -> tuple[list[float], list[float]
     return step_s, host_s
 
 
+def _graph_replay_ms(runner: ModelRunner, batch_size: int, replays: int = 50) -> float | None:
+    """GPU time of one decode step with no host work in between: the CUDA graph of the last step
+    replayed back to back (same inputs, so it rewrites the same KV slots), timed with CUDA events.
+    With PDL this includes the kernels' overlap; None without CUDA graphs."""
+    graphs = runner.graph_runner
+    if graphs is None or batch_size > graphs.max_bs:
+        return None
+    graph = graphs.graphs[next(b for b in graphs.bs_list if b >= batch_size)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def _kernel_table(prof, steps: int) -> tuple[float, list[tuple[str, float, float]]]:
     """GPU us per step in total, and (family, us/step, calls/step) sorted by time."""
     per_family: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
@@ -108,6 +127,7 @@ def main() -> None:
     stepper = _Stepper(runner, prompts, args.mode)
     _time_steps(stepper, 2)  # warm-up
     step_s, host_s = _time_steps(stepper, args.steps)
+    replay_ms = _graph_replay_ms(runner, args.batch_size) if args.mode == "decode" else None
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         _time_steps(stepper, args.steps)
     stepper.close()
@@ -118,10 +138,12 @@ def main() -> None:
     print(f"\n{args.mode}: batch {args.batch_size}, input {args.input_len}, cuda graphs {graphs}, kv cache {kv}")
     print(f"step wall (bench_one_batch view): median {statistics.median(step_s) * 1e3:.3f} ms")
     print(f"host time until forward returns:  median {statistics.median(host_s) * 1e3:.3f} ms")
+    if replay_ms is not None:
+        print(f"GPU time per step (graph replayed back to back): {replay_ms:.3f} ms")
     print(f"GPU kernel time per step (profiler): {gpu_us / 1e3:.3f} ms")
     from sglang.srt.layers.triton_ops.common import pdl_enabled
 
-    if pdl_enabled(torch.device("cuda")):
+    if torch.device(runner.device).type == "cuda" and pdl_enabled(torch.device(runner.device)):
         print("note: PDL is on, so kernels overlap and their times include waiting for the previous one;"
               " SGLANG_DISABLE_PDL=1 gives a breakdown that adds up")  # fmt: skip
     print(f"\n{'kernel family':<62} {'us/step':>9} {'calls/step':>10} {'share':>6}")
