@@ -261,6 +261,36 @@ def assert_pdl_waits_first(ptx: str, name: str, params: Sequence[str] = (), weig
     assert read <= set(weights), f"{name}: reads {sorted(read - set(weights))} before griddepcontrol.wait"
 
 
+def ptxas_available() -> bool:
+    """Whether Triton can compile for sm_90 here (its wheel ships ptxas; no GPU needed)."""
+    import triton
+
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def compile_for_sm90(fn, args: dict, consts: dict, weights: Collection[str] = (), **options) -> str:
+    """PTX of Triton kernel `fn` compiled for sm_90 (run without TRITON_INTERPRET) with parameter
+    types `args` (name -> type, in order) and constexprs `consts`; a PDL variant (PDL=True) must
+    pass assert_pdl_waits_first, reading only `weights` before its wait."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature={**args, **{name: "constexpr" for name in consts}}, constexprs=consts)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    if consts.get("PDL"):
+        assert_pdl_waits_first(ptx, fn.__name__, list(args), weights)
+    return ptx
+
+
+def run_compile_child(test_file: str) -> None:
+    """Run `test_file` as a script with --compile-sm90 in a child process without the interpreter
+    (a module's kernels are decorated for one mode only) and fail with its stderr."""
+    child = subprocess.run([sys.executable, test_file, "--compile-sm90"], env={**os.environ, "TRITON_INTERPRET": "0"},
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == 0, child.stderr[-4000:]
+
+
 def reference_continuation(prompt: list[int], n: int, vocab_size: int = 97) -> list[int]:
     seq, out = list(prompt), []
     for _ in range(n):

@@ -21,9 +21,7 @@ and off.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -34,6 +32,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from conftest import ptxas_available, run_compile_child  # noqa: E402
 
 from sglang.srt.configs.model_config import LayerSpec  # noqa: E402
 from sglang.srt.layers.activation import get_act_and_mul_fn  # noqa: E402
@@ -480,11 +479,7 @@ def test_tiny_model_fused_vs_torch(tmp_path, case):
 
 
 def _compile_for_sm90() -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from conftest import assert_pdl_waits_first
+    from conftest import compile_for_sm90
 
     from sglang.srt.layers.triton_ops import (
         ffn_combine, gelu_and_mul, gemv, post_attention_norms, qkv_norm_rope, rmsnorm, router_topk, softcap,
@@ -501,12 +496,7 @@ def _compile_for_sm90() -> None:
     }
 
     def compile_one(fn, args: dict, consts: dict, num_warps: int) -> None:
-        sig = {**args, **{name: "constexpr" for name in consts}}
-        opts = {"num_warps": num_warps, "enable_fp_fusion": False}
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        if consts.get("PDL"):
-            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__, list(args), early_reads.get(fn, ()))
+        compile_for_sm90(fn, args, consts, early_reads.get(fn, ()), num_warps=num_warps, enable_fp_fusion=False)
 
     norm = dict(x_ptr=bf, w_ptr=bf, out_ptr=bf, stride_x=i32, n_cols=i32, inv_n=f32, eps=f32)
     compile_one(rmsnorm._rmsnorm_kernel, norm, {"HAS_W": True, "BLOCK": 4096}, 8)
@@ -579,16 +569,10 @@ def test_pdl_check_traces_early_loads_to_their_pointer_parameters():
         assert_pdl_waits_first(store_early, "k", params, ["w_ptr"])
 
 
-def _ptxas_available() -> bool:
-    import triton
-
-    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
-
-
-@pytest.mark.skipif(not _ptxas_available(), reason="triton ships no ptxas here")
+@pytest.mark.skipif(not ptxas_available(), reason="triton ships no ptxas here")
 def test_kernels_compile_for_sm90():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    here = str(Path(__file__).parent)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_fused_small_ops as t; t._compile_for_sm90()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_compile_child(__file__)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    _compile_for_sm90()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -20,6 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import triton  # noqa: E402
+from conftest import ptxas_available, run_compile_child  # noqa: E402
 
 from sglang.srt.layers.moe.fused_moe_triton.configs import (  # noqa: E402
     GemvTile,
@@ -228,20 +227,12 @@ def _compile_split_k_for_sm90() -> None:
     """GEMM1 split-K and the GEMV path's kernels compiled for sm_90 at the real tiles (the interpreter
     never compiles them; the FP4 decode's inline PTX only exists on this path). Run without
     TRITON_INTERPRET."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from conftest import assert_pdl_waits_first
+    from conftest import compile_for_sm90
 
     from sglang.srt.layers.moe.fused_moe_triton import kernels
 
     def compile_one(fn, args: dict, consts: dict, num_warps: int, num_stages: int) -> None:
-        sig = {**args, **{name: "constexpr" for name in consts}}
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        opts = {"num_warps": num_warps, "num_stages": num_stages}
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        if consts.get("PDL"):
-            assert_pdl_waits_first(compiled.asm["ptx"], fn.__name__, list(args))
+        compile_for_sm90(fn, args, consts, num_warps=num_warps, num_stages=num_stages)
 
     i32, ptr = "i32", "*i32"
     rows = dict(sorted_ids_ptr=ptr, block_expert_ptr=ptr, num_padded_ptr=ptr, num_pairs=i32)
@@ -271,14 +262,9 @@ def _compile_split_k_for_sm90() -> None:
         compile_one(moe_gemv.moe_gemv2_kernel, gemv2, dict(BN=32, BK=128, W_FP4=True, HAS_GS=True, EVEN_K=even, PDL=True), 4, 3)
 
 
-@pytest.mark.skipif(
-    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(), reason="no ptxas here"
-)
+@pytest.mark.skipif(not ptxas_available(), reason="no ptxas here")
 def test_split_k_and_gemv_kernels_compile_for_sm90():
-    # This file run as a script, in a child process: kernels must be decorated without the interpreter.
-    child = subprocess.run([sys.executable, __file__, "--compile-sm90"], env={**os.environ, "TRITON_INTERPRET": "0"},
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert child.returncode == 0, child.stderr[-4000:]
+    run_compile_child(__file__)
 
 
 def test_nvfp4_bf16_expansion_path(monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from conftest import ptxas_available, run_compile_child  # noqa: E402
 
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend  # noqa: E402
@@ -191,6 +193,44 @@ def test_extend_tiles_tiny():
         assert_close(out.view(len(q), -1), ref, torch.float32)
 
 
+# ----------------------------------------------------------------------------- sm_90 build (no GPU)
+
+
+def _compile_decode_for_sm90() -> None:
+    """Both decode kernels as the backend launches them at Gemma 4's shapes (the default tiles at
+    batch 1 and 64, bf16 and fp8 KV), built for sm_90 with PDL: each must wait before any global
+    access. Run without TRITON_INTERPRET."""
+    import inspect
+
+    from conftest import compile_for_sm90
+
+    from sglang.srt.layers.attention.triton_ops import decode_attention as D
+
+    def types(fn, **pointers) -> dict:
+        params = [p for p in inspect.signature(fn.fn).parameters if p.upper() != p or p in pointers]
+        return {p: pointers.get(p, "fp32" if p in ("scale_log2", "v_scale") else "i32") for p in params}
+
+    for head_dim, kv_heads, sliding in ((256, 8, True), (512, 2, False)):
+        for kv, batch in (("*bf16", 1), ("*bf16", 64), ("*fp8e4nv", 1), ("*fp8e4nv", 64)):
+            cfg = D.default_decode_config(head_dim, batch, kv == "*fp8e4nv")
+            args = types(
+                D._decode_stage1, Q="*bf16", K=kv, V=kv, MidO="*fp32", MidLse="*fp32", O="*bf16",
+                req_to_token="*i64", req_pool_indices="*i64", seq_lens="*i64",
+            )  # fmt: skip
+            consts = dict(NUM_HEADS=16, GROUP=16 // kv_heads, BLOCK_H=16, HEAD_DIM=head_dim, BLOCK_D=head_dim,
+                          BLOCK_N=cfg.block_n, SLIDING=sliding, DOT_PRECISION="tf32", DIRECT_OUT=batch > 1,
+                          FP8_KV=kv == "*fp8e4nv", PDL=True)  # fmt: skip
+            compile_for_sm90(D._decode_stage1, args, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        merge = types(D._decode_stage2, MidO="*fp32", MidLse="*fp32", O="*bf16")
+        consts = dict(NUM_HEADS=16, HEAD_DIM=head_dim, BLOCK_DC=64, BLOCK_S=64, PDL=True)
+        compile_for_sm90(D._decode_stage2, merge, consts, num_warps=4)
+
+
+@pytest.mark.skipif(not ptxas_available(), reason="triton ships no ptxas here")
+def test_decode_kernels_compile_for_sm90():
+    run_compile_child(__file__)
+
+
 # ----------------------------------------------------------------------------- GPU, Gemma 4 shapes
 
 SLIDING = Geometry(16, 8, 256, 1024)
@@ -214,3 +254,7 @@ def test_decode_gemma4_shapes(kv_dtype, batch_size, context):
     prefix = [context - 1] + [rng.randint(1, context - 1) for _ in range(batch_size - 1)]
     batch, layers, inputs = make_batch([SLIDING, FULL], prefix, [1] * batch_size, kv_dtype, torch.bfloat16, seed=7)
     check_backend(batch, layers, inputs, torch.bfloat16, kv_dtype)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    _compile_decode_for_sm90()
