@@ -59,8 +59,10 @@ LARGE_TILES = {
 
 
 # GEMM1 split-K (slices of K per output tile) tried with every tile up to this many tokens, where
-# the unsplit grid (block count x N tiles) leaves SMs idle.
-SPLIT_KS = (1, 2, 4, 8)
+# the unsplit grid (block count x N tiles) leaves SMs idle. 3 and 6 against wave quantisation: at one
+# token and 64-row tiles, 8 experts x 22 N tiles x 4 slices = 704 programs are 1.33 waves at 4
+# programs per SM on 132 SMs, x 3 = 528 exactly one (not yet swept on the GPU).
+SPLIT_KS = (1, 2, 3, 4, 6, 8)
 SPLIT_K_MAX_M = 64
 
 
