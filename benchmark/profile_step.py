@@ -8,8 +8,9 @@ prefill of `batch-size` fresh prompts of `input-len` tokens (KV released after e
 timed four ways: the whole step as bench_one_batch sees it (inputs built, forward, argmax copied
 back), the host time until the forward returns (launches queued), decode's CUDA graph replayed back
 to back (the GPU time alone, host preparation excluded: the figure to compare kernel changes by),
-and the sum of GPU kernel durations from torch.profiler. The per-kernel table groups kernels by name so a layer's share is readable
-(e.g. all `moe_gemm1_kernel` calls). Kernels inside replayed CUDA graphs are seen too.
+and the sum of GPU kernel durations from torch.profiler. The per-kernel table groups kernels by
+name so a layer's share is readable (e.g. all `moe_gemm1_kernel` calls). Kernels inside replayed
+CUDA graphs are seen too.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ def _compile_decode_for_sm90() -> None:
     from sglang.srt.layers.attention.triton_ops import decode_attention as D
 
     def types(fn, **pointers) -> dict:
-        params = [p for p in inspect.signature(fn.fn).parameters if p.upper() != p or p in pointers]
+        """Runtime parameters in order: the pointers given, two fp32 scales, the rest int32."""
+        params = [n for n, p in inspect.signature(fn.fn).parameters.items() if "constexpr" not in str(p.annotation)]
         return {p: pointers.get(p, "fp32" if p in ("scale_log2", "v_scale") else "i32") for p in params}
 
     for head_dim, kv_heads, sliding in ((256, 8, True), (512, 2, False)):
