@@ -231,6 +231,11 @@ DECODE_SWEEP = [
     (FULL, 64, 8192, FP8, DecodeConfig(32, 4, 4, 128), None),
     (FULL, 64, 8192, FP8, DecodeConfig(64, 4, 3, 128), None),
     (SLIDING, 64, 8192, FP8, DecodeConfig(64, 4, 3, 64), None),
+    # fp8 sliding defaults to 2 warps from batch 16, and splits round down: the alternatives.
+    (SLIDING, 64, 1024, FP8, DecodeConfig(32, 4, 3, 32), None),
+    (SLIDING, 64, 1024, FP8, DecodeConfig(64, 4, 3, 32), None),
+    (FULL, 64, 1024, FP8, None, 3),
+    (FULL, 64, 1024, BF16, None, 3),
 ]  # fmt: skip
 EXTEND_SWEEP = [
     (SLIDING, ExtendConfig(64, 32, 8, 3)),

@@ -15,6 +15,7 @@ and computes the next layer's input norm (so each layer receives it).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Iterable
 
@@ -35,6 +36,13 @@ from sglang.srt.model_loader.load_report import LoadReport
 from sglang.srt.utils import to_device
 
 logger = logging.getLogger(__name__)
+
+# Steps with this many tokens run each MoE layer's dense MLP on a second CUDA stream (_alt_stream).
+# H200, 26B-A4B NVFP4 (dummy weights), fp8 KV, 1k contexts, decode graph replayed back to back
+# (benchmark/bench_dual_stream.py): 2-6% slower at 1 token (the MLP's GEMVs lose their PDL overlap);
+# faster by 9% at 2 tokens, 6% at 8, 4-5% at 16, 1% at 32, 2-3% at 64, even at 4.
+# SGLANG_DISABLE_DUAL_STREAM=1 turns it off.
+DUAL_STREAM_TOKENS = range(0) if os.environ.get("SGLANG_DISABLE_DUAL_STREAM") == "1" else range(2, 65)
 
 # layers.<i>.self_attn.[k_proj.|v_proj.|attn.]<k|v>_scale
 _KV_SCALE_NAME = re.compile(r"layers\.(\d+)\.self_attn\.(?:[kv]_proj\.|attn\.)?([kv])_scale$")
@@ -152,19 +160,32 @@ class Gemma4DecoderLayer(torch.nn.Module):
         self.layer_scalar = _param((1,), dtype)
 
     def forward(
-        self, rope, h: torch.Tensor, x: torch.Tensor, forward_batch, next_norm: RMSNorm
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, rope, h: torch.Tensor, x: torch.Tensor, forward_batch, next_norm: RMSNorm,
+        alt_stream: torch.cuda.Stream | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """h: the residual stream; x: input_layernorm(h). Returns the new h and next_norm(h), the next
-        layer's x (or the model's output), which the fused combine kernel computes in the same pass."""
+        layer's x (or the model's output), which the fused combine kernel computes in the same pass.
+        With `alt_stream` the dense MLP runs on it, beside the router and experts."""
         attn = self.self_attn(rope, x, forward_batch)
         h, x_mlp, x_moe, x_router = self._post_attention(h, attn)
-        dense = self.mlp(x_mlp)
-        moe = None
-        if self.enable_moe:
-            topk = gemma4_topk(self.router.proj(x_router), self.experts.top_k, self.router.per_expert_scale)
-            # The fused combine sums the experts' per-pair terms itself (one reduce kernel fewer).
-            moe = self.experts(x_moe, topk, keep_pairs=fused_ops_enabled(h))
+        if not self.enable_moe:
+            return self._combine(h, self.mlp(x_mlp), None, next_norm)
+        if alt_stream is None:
+            dense = self.mlp(x_mlp)
+            moe = self._moe(x_moe, x_router)
+        else:
+            main = torch.cuda.current_stream()
+            alt_stream.wait_stream(main)
+            with torch.cuda.stream(alt_stream):
+                dense = self.mlp(x_mlp)
+            moe = self._moe(x_moe, x_router)
+            main.wait_stream(alt_stream)
         return self._combine(h, dense, moe, next_norm)
+
+    def _moe(self, x_moe: torch.Tensor, x_router: torch.Tensor) -> torch.Tensor:
+        topk = gemma4_topk(self.router.proj(x_router), self.experts.top_k, self.router.per_expert_scale)
+        # The fused combine sums the experts' per-pair terms itself (one reduce kernel fewer).
+        return self.experts(x_moe, topk, keep_pairs=fused_ops_enabled(x_moe))
 
     def _post_attention(self, h: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """h + post_attention_layernorm(attn), then the inputs of the dense MLP, the experts and the
@@ -222,15 +243,27 @@ class Gemma4TextModel(torch.nn.Module):
         # sqrt(H) rounded to the weight dtype first, as the reference does; a Python float keeps the
         # forward free of host tensors (CUDA graph capture).
         self.embed_scale = float(torch.tensor(cfg["hidden_size"] ** 0.5, dtype=dtype))
+        self._stream: torch.cuda.Stream | None = None  # see _alt_stream
 
     def forward(self, input_ids, positions, forward_batch) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed_tokens.weight) * self.embed_scale
         ropes = [rotary.cos_sin(positions) for rotary in self.rotary]
         x = self.layers[0].input_layernorm(h)
+        alt_stream = self._alt_stream(h)
         for i, (layer, rope) in enumerate(zip(self.layers, self.rotary_of_layer)):
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            h, x = layer(ropes[rope], h, x, forward_batch, next_norm)
+            h, x = layer(ropes[rope], h, x, forward_batch, next_norm, alt_stream)
         return x  # the final norm of h
+
+    def _alt_stream(self, h: torch.Tensor) -> torch.cuda.Stream | None:
+        """A second CUDA stream for the dense MLP of MoE layers on steps of DUAL_STREAM_TOKENS
+        tokens: there the MLP's matmuls and the experts' small grids each leave SMs idle, so
+        running them side by side shortens the layer (SGLang runs DeepSeek's shared experts so)."""
+        if not h.is_cuda or h.shape[0] not in DUAL_STREAM_TOKENS:
+            return None
+        if self._stream is None or self._stream.device != h.device:
+            self._stream = torch.cuda.Stream(h.device)
+        return self._stream
 
 
 class Gemma4ForCausalLM(torch.nn.Module):

@@ -45,19 +45,21 @@ def default_decode_config(head_dim: int, batch: int = 1, fp8_kv: bool = False) -
     and ~1k keys the layer is latency-bound and more, shorter splits win (sliding 8.7 us vs 10.2 with
     64 vs 12.9 with 128; full, fp8, 1024 keys: 8.5 us vs 10.8 with 64 vs 16.2 with 128). Large
     batches and long contexts give chunks above 32 keys anyway. fp8 KV with 256-dim heads from batch
-    16: 64-key tiles, which spread the per-tile softmax work over more keys in that instruction-bound
-    kernel (1k keys: 118.5 vs 127.0 us at batch 64, 39.7 vs 46.7 at 16; at batch 1 they lose, 9.4
-    vs 7.6, and on 512-dim heads at batch 64 too, 131 vs 84)."""
+    16: 2 warps, i.e. twice the programs per SM to hide the per-tile latency chain of that
+    instruction-bound kernel (1k keys, batch 64: 104.7 us vs 116.5 with 4 warps and 117.3 with the
+    64-key tiles used before; README_attention.md)."""
     if head_dim == 256 and fp8_kv and batch >= 16:
-        return DecodeConfig(block_n=64, num_warps=4, num_stages=3, min_chunk=32)
+        return DecodeConfig(block_n=32, num_warps=2, num_stages=3, min_chunk=32)
     if head_dim >= 256:
         return DecodeConfig(block_n=32, num_warps=4, num_stages=3, min_chunk=32)
     return DecodeConfig(block_n=32, num_warps=4, num_stages=2, min_chunk=64)
 
 
 def decode_num_splits(batch: int, kv_heads: int, num_sms: int, max_splits: int = 64) -> int:
-    """Splits per (request, KV head) so that about two programs run per SM."""
-    return max(1, min(max_splits, triton.cdiv(2 * num_sms, batch * kv_heads)))
+    """Splits per (request, KV head) so that the grid fills at most two programs per SM: rounding
+    up instead would start a second, mostly idle wave (full layers at batch 64: 3 splits, 384
+    programs, 84 us; 2 splits, 256 programs, 62-67 us)."""
+    return max(1, min(max_splits, 2 * num_sms // (batch * kv_heads)))
 
 
 @triton.jit
@@ -117,7 +119,10 @@ def _decode_stage1(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_vn + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        if FP8_KV and DOT_PRECISION != "upcast":  # inline PTX: not under the interpreter
+            v = _load_e4m3_as_f16(V + slot[:, None] * stride_vn + kvh * stride_vh, BLOCK_D, n_mask, HEAD_DIM)
+        else:
+            v = tl.load(V + slot[:, None] * stride_vn + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v.to(q.dtype), DOT_PRECISION)
         m_i = m_new
 
@@ -182,6 +187,8 @@ def decode_attention_fwd(
     group = num_heads // kv_heads
     assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1 and out.stride(2) == 1
     assert req_to_token.stride(1) == 1
+    if is_fp8(v_buffer.dtype):  # V rows are read as int16 pairs
+        assert head_dim % 2 == 0 and v_buffer.stride(0) % 2 == 0 and v_buffer.stride(1) % 2 == 0
     cfg = config or default_decode_config(head_dim, batch, is_fp8(k_buffer.dtype))
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
@@ -228,6 +235,24 @@ def is_fp8(dtype: torch.dtype) -> bool:
     bandwidth, full layer, batch 64). q (bf16, RMS-normed) fits fp16 exactly unless |q| > 65504;
     softmax weights lose nothing (fp16 has more mantissa than bf16)."""
     return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@triton.jit
+def _load_e4m3_as_f16(rows, BLOCK_D: tl.constexpr, n_mask, HEAD_DIM: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] fp16 from fp8 rows (`rows`: [BLOCK_N, 1] pointers to each row's start),
+    read as int16 pairs and converted by one cvt.rn.f16x2.e4m3x2 each. Loading fp8 elements for
+    the P @ V dot directly makes the compiler gather single bytes from shared memory into the
+    MMA operand (ldmatrix has no 8-bit transposed form on sm_90): ~80 scalar loads per tile. The
+    join + reshape here keeps the conversion in the load's own layout; the fp16 tile then reaches
+    the operand through shared memory by ldmatrix, as bf16 KV does."""
+    offs = tl.arange(0, BLOCK_D // 2)
+    pairs = tl.load(rows.to(tl.pointer_type(tl.int16)) + offs[None, :],
+                    mask=n_mask[:, None] & (offs < HEAD_DIM // 2)[None, :], other=0)  # fmt: skip
+    lo, hi = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+        "=h,=h,h", [pairs], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+    )  # fmt: skip
+    return tl.reshape(tl.join(lo, hi), (pairs.shape[0], BLOCK_D))
 
 
 @triton.jit
