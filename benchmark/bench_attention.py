@@ -314,7 +314,11 @@ def aot_report() -> None:
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
     def build(fn, types: dict, consts: dict, warps: int, stages: int) -> str:
-        params = list(inspect.signature(fn.fn).parameters)
+        signature = inspect.signature(fn.fn).parameters
+        params = list(signature)
+        # constexprs not given keep their defaults (a runtime type would compile both branches)
+        consts = {**{n: p.default for n, p in signature.items()
+                     if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}, **consts}  # fmt: skip
         sig = {p: "constexpr" if p in consts else types.get(p, "i32") for p in params}
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
                  if p not in consts and (sig[p].startswith("*") or p.startswith("stride"))}  # fmt: skip
@@ -338,7 +342,8 @@ def aot_report() -> None:
         types = dict(common, MidO="*fp32", MidLse="*fp32", O="*bf16")
         print(f"decode {g.name} {c}: {build(D._decode_stage1, types, consts, c.num_warps, c.num_stages)}")
         fp8 = dict(types, K="*fp8e4nv", V="*fp8e4nv")
-        print(f"decode {g.name} fp8 KV: {build(D._decode_stage1, fp8, dict(consts, FP8_KV=True), c.num_warps, c.num_stages)}")
+        fp8_consts = dict(consts, FP8_KV=True, V_PAIRS=True)
+        print(f"decode {g.name} fp8 KV: {build(D._decode_stage1, fp8, fp8_consts, c.num_warps, c.num_stages)}")
         e = E.default_extend_config(d)
         consts = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=e.block_m, BLOCK_N=e.block_n,
                       SLIDING=sliding, DOT_PRECISION="tf32", FP8_KV=False)  # fmt: skip

@@ -220,7 +220,7 @@ def _compile_decode_for_sm90() -> None:
             )  # fmt: skip
             consts = dict(NUM_HEADS=16, GROUP=16 // kv_heads, BLOCK_H=16, HEAD_DIM=head_dim, BLOCK_D=head_dim,
                           BLOCK_N=cfg.block_n, SLIDING=sliding, DOT_PRECISION="tf32", DIRECT_OUT=batch > 1,
-                          FP8_KV=kv == "*fp8e4nv", PDL=True)  # fmt: skip
+                          FP8_KV=kv == "*fp8e4nv", V_PAIRS=kv == "*fp8e4nv", PDL=True)  # fmt: skip
             compile_for_sm90(D._decode_stage1, args, consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         merge = types(D._decode_stage2, MidO="*fp32", MidLse="*fp32", O="*bf16")
         consts = dict(NUM_HEADS=16, HEAD_DIM=head_dim, BLOCK_DC=64, BLOCK_S=64, PDL=True)

@@ -71,7 +71,7 @@ def _decode_stage1(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, DIRECT_OUT: tl.constexpr, FP8_KV: tl.constexpr,
-    PDL: tl.constexpr = False,
+    V_PAIRS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):  # fmt: skip
     pdl_start(PDL)
     b = tl.program_id(0)
@@ -119,7 +119,7 @@ def _decode_stage1(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8_KV and DOT_PRECISION != "upcast":  # inline PTX: not under the interpreter
+        if V_PAIRS:
             v = _load_e4m3_as_f16(V + slot[:, None] * stride_vn + kvh * stride_vh, BLOCK_D, n_mask, HEAD_DIM)
         else:
             v = tl.load(V + slot[:, None] * stride_vn + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -187,7 +187,9 @@ def decode_attention_fwd(
     group = num_heads // kv_heads
     assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1 and out.stride(2) == 1
     assert req_to_token.stride(1) == 1
-    if is_fp8(v_buffer.dtype):  # V rows are read as int16 pairs
+    # e4m3 V rows are read as int16 pairs (inline PTX: not under the interpreter).
+    v_pairs = v_buffer.dtype == torch.float8_e4m3fn and _dot_precision(q.dtype) != "upcast"
+    if v_pairs:
         assert head_dim % 2 == 0 and v_buffer.stride(0) % 2 == 0 and v_buffer.stride(1) % 2 == 0
     cfg = config or default_decode_config(head_dim, batch, is_fp8(k_buffer.dtype))
     block_d = triton.next_power_of_2(head_dim)
@@ -204,7 +206,7 @@ def decode_attention_fwd(
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype), DIRECT_OUT=direct,
-        FP8_KV=is_fp8(k_buffer.dtype), **pdl_launch(q.device),
+        FP8_KV=is_fp8(k_buffer.dtype), V_PAIRS=v_pairs, **pdl_launch(q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if direct:
