@@ -187,11 +187,12 @@ def decode_attention_fwd(
     group = num_heads // kv_heads
     assert q.stride(2) == 1 and k_buffer.stride(2) == 1 and v_buffer.stride(2) == 1 and out.stride(2) == 1
     assert req_to_token.stride(1) == 1
+    precision, fp8 = _dot_precision(q.dtype), is_fp8(k_buffer.dtype)
     # e4m3 V rows are read as int16 pairs (inline PTX: not under the interpreter).
-    v_pairs = v_buffer.dtype == torch.float8_e4m3fn and _dot_precision(q.dtype) != "upcast"
+    v_pairs = v_buffer.dtype == torch.float8_e4m3fn and precision != "upcast"
     if v_pairs:
         assert head_dim % 2 == 0 and v_buffer.stride(0) % 2 == 0 and v_buffer.stride(1) % 2 == 0
-    cfg = config or default_decode_config(head_dim, batch, is_fp8(k_buffer.dtype))
+    cfg = config or default_decode_config(head_dim, batch, fp8)
     block_d = triton.next_power_of_2(head_dim)
     direct = num_splits == 1
     mid_shape = (1, 1) if direct else (batch, num_heads, num_splits)
@@ -205,8 +206,8 @@ def decode_attention_fwd(
         sm_scale * k_scale * LOG2E, v_scale, sliding_window or 0, num_splits, cfg.min_chunk,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_H=max(_MIN_GROUP_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        SLIDING=sliding_window is not None, DOT_PRECISION=_dot_precision(q.dtype), DIRECT_OUT=direct,
-        FP8_KV=is_fp8(k_buffer.dtype), V_PAIRS=v_pairs, **pdl_launch(q.device),
+        SLIDING=sliding_window is not None, DOT_PRECISION=precision, DIRECT_OUT=direct,
+        FP8_KV=fp8, V_PAIRS=v_pairs, **pdl_launch(q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if direct:
