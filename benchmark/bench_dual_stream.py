@@ -31,16 +31,23 @@ def replay_ms(runner: ModelRunner, batch_size: int, input_len: int) -> float:
     return ms
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def runner_for_batch_sizes(description: str, batch_sizes: list[int]) -> tuple[argparse.Namespace, ModelRunner]:
+    """Command line (--model-path, --batch-sizes, --input-len) and a runner on dummy weights whose
+    CUDA graphs cover every batch size asked for."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-path", default="nvidia/Gemma-4-26B-A4B-NVFP4")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes)
     parser.add_argument("--input-len", type=int, default=1000)
     args = parser.parse_args()
     max_bs = max(args.batch_sizes)
     server_args = ServerArgs(model_path=args.model_path, load_format="dummy", cuda_graph_max_bs=max_bs,
                              max_running_requests=max_bs + 16)  # fmt: skip
-    runner = ModelRunner(server_args, ModelConfig.from_server_args(server_args))
+    return args, ModelRunner(server_args, ModelConfig.from_server_args(server_args))
+
+
+def main() -> None:
+    args, runner = runner_for_batch_sizes(__doc__.split("\n")[0], [1, 2, 4, 8, 16, 32, 64])
+    max_bs = max(args.batch_sizes)
     times = {}
     for streams, tokens in ((1, range(0)), (2, range(1, max_bs + 1))):
         gemma4_causal.DUAL_STREAM_TOKENS = tokens

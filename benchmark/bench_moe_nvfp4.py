@@ -69,8 +69,15 @@ SPLIT_K_MAX_M = 64
 # The per-pair GEMV path (moe_gemv.py) is swept up to this many tokens; tiles are
 # (block_n, block_k, num_warps, num_stages). GEMM2's K (I = 704) has 11 blocks of 64.
 GEMV_MAX_M = 8
-GEMV1_TILES = [(bn, bk, w, s) for bn in (16, 32) for bk in (128, 256, 512) for w in (2, 4, 8) for s in (1, 3)]
-GEMV2_TILES = [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4, 8) for s in (1, 3)]
+GEMV1_TILES = {
+    "bf16": [(bn, bk, w, s) for bn in (16, 32) for bk in (128, 256, 512) for w in (2, 4, 8) for s in (1, 3)],
+    # NVFP4 steps load one step ahead by hand (Triton does not pipeline them): no stage sweep.
+    "nvfp4": [(bn, bk, w, 1) for bn in (8, 16, 32) for bk in (64, 128, 256, 512) for w in (1, 2, 4, 8)],
+}
+GEMV2_TILES = {
+    "bf16": [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4, 8) for s in (1, 3)],
+    "nvfp4": [(bn, bk, w, 1) for bn in (8, 16, 32) for bk in (64, 128, 256, 512) for w in (1, 2, 4, 8)],
+}
 
 
 def block_m_candidates(m: int) -> list[int]:
@@ -232,7 +239,7 @@ def _jobs(formats: list[str], m_list: list[int], grouped: bool = True) -> list[t
                 jobs += [(fmt, m, bm, "g1", t) for t in gemm1_tiles_for(fmt, bm, m)]
                 jobs += [(fmt, m, bm, "g2", t) for t in tiles_for(fmt, bm)]
             if m <= GEMV_MAX_M:
-                jobs += [(fmt, m, 0, "v1", t) for t in GEMV1_TILES] + [(fmt, m, 0, "v2", t) for t in GEMV2_TILES]
+                jobs += [(fmt, m, 0, "v1", t) for t in GEMV1_TILES[fmt]] + [(fmt, m, 0, "v2", t) for t in GEMV2_TILES[fmt]]
     # One variant's jobs for the different M next to each other: they tend to land in one worker's
     # chunk, which compiles the variant once instead of several workers compiling it at once.
     return sorted(jobs, key=lambda j: (j[0], j[2], j[3], str(j[4]), j[1]))
@@ -373,11 +380,12 @@ def tune_gemv(w, m: int, routings, log: dict) -> dict:
     from sglang.srt.layers.moe.fused_moe_triton import moe_gemv as mv
     from sglang.srt.layers.moe.fused_moe_triton.configs import GemvTile
 
-    g1 = time_tiles(GEMV1_TILES, lambda t: [
+    fmt = "nvfp4" if w.is_fp4 else "bf16"
+    g1 = time_tiles(GEMV1_TILES[fmt], lambda t: [
         lambda x=x, r=r: mv.moe_gemv1(x, w, r.topk_ids, 0, GemvTile(*t)) for x, r in routings])  # fmt: skip
     t1 = min(g1, key=g1.get)
     hs = [mv.moe_gemv1(x, w, r.topk_ids, 0, GemvTile(*t1)) for x, r in routings]
-    g2 = time_tiles(GEMV2_TILES, lambda t: [
+    g2 = time_tiles(GEMV2_TILES[fmt], lambda t: [
         lambda h=h, r=r: mv.moe_gemv2(h, w, r.topk_ids, r.topk_weights, GemvTile(*t))
         for h, (_, r) in zip(hs, routings)])  # fmt: skip
     t2 = min(g2, key=g2.get)
@@ -458,7 +466,7 @@ def main() -> None:
                 tuned.setdefault(fmt, []).append((m, best))
                 results.setdefault("sweeps", {})[f"{fmt}/{m}"] = log
             elif args.tune_gemv and m <= GEMV_MAX_M:
-                gemv = tune_gemv(w, m, routings, {})
+                gemv = tune_gemv(w, m, routings, results.setdefault("sweeps", {}).setdefault(f"{fmt}/{m}", {}))
                 candidates = {"gemv": MoeGemvConfig(m * TOP_K, GemvTile(*gemv["gemm1"]), GemvTile(*gemv["gemm2"])),
                               "grouped": get_moe_config(m, E, H, I, TOP_K, fmt)}  # fmt: skip
                 layer_us = {k: bench_layer(fmt, w, m, routings, c) * 1e6 for k, c in candidates.items()}

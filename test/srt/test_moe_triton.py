@@ -253,13 +253,15 @@ def _compile_split_k_for_sm90() -> None:
     from sglang.srt.layers.moe.fused_moe_triton import moe_gemv
 
     strides = dict(stride_we=i32, stride_wn=i32)
-    gemv1 = dict(x_ptr="*bf16", w_ptr=ptr, tbl_ptr="*u8", gs_ptr="*fp32", topk_ids_ptr=ptr, h_ptr="*bf16", top_k=i32,
+    gemv1 = dict(x_ptr="*bf16", w_ptr=ptr, gs_ptr="*fp32", topk_ids_ptr=ptr, h_ptr="*bf16", top_k=i32,
                  N=i32, K=i32, stride_xm=i32, **strides, stride_hm=i32)  # fmt: skip
-    gemv2 = dict(h_ptr="*bf16", w_ptr=ptr, tbl_ptr="*u8", gs_ptr="*fp32", topk_ids_ptr=ptr, topk_w_ptr="*fp32",
+    gemv2 = dict(h_ptr="*bf16", w_ptr=ptr, gs_ptr="*fp32", topk_ids_ptr=ptr, topk_w_ptr="*fp32",
                  out_ptr="*bf16", N=i32, K=i32, stride_hm=i32, **strides, stride_om=i32)  # fmt: skip
     for even in (True, False):
         compile_one(moe_gemv.moe_gemv1_kernel, gemv1, dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=even, PDL=True), 4, 3)
-        compile_one(moe_gemv.moe_gemv2_kernel, gemv2, dict(BN=32, BK=128, W_FP4=True, HAS_GS=True, EVEN_K=even, PDL=True), 4, 3)
+        # GEMM2 reads the expert id and first weight tile before its wait (see moe_gemv2_kernel).
+        consts = dict(BN=32, BK=128, W_FP4=True, HAS_GS=True, EVEN_K=even, PDL=True)
+        compile_for_sm90(moe_gemv.moe_gemv2_kernel, gemv2, consts, ("w_ptr", "topk_ids_ptr"), num_warps=4, num_stages=1)
 
 
 @pytest.mark.skipif(not ptxas_available(), reason="no ptxas here")
@@ -370,26 +372,39 @@ def test_moe_gemv_path(case, weight_format):
     assert rel_err(out, ref) <= TOL
 
 
+def test_moe_gemv_fp4_takes_fp32_activations():
+    """fp32 models: the NVFP4 GEMV reads x as bf16 pairs, so the wrapper rounds x to bf16 first (as
+    the grouped kernels do); the output keeps x's dtype."""
+    layer = make_moe_layer(6, 128, 48, 4, "nvfp4")
+    x = torch.randn(2, 128, device=DEV)
+    topk = make_routing(2, 6, 4, False)
+    ref = reference(layer, x, topk, "nvfp4")
+    out = run_triton(layer, x, topk, "nvfp4", MoeGemvConfig(8, GemvTile(16, 64, 2), GemvTile(16, 64, 2)))
+    assert out.dtype == torch.float32 and rel_err(out, ref) <= TOL
+
+
 def test_moe_gemv_is_the_default_for_few_pairs(monkeypatch):
-    """Auto selection: bf16 experts take the GEMV path up to its max_pairs, the grouped GEMMs above;
-    NVFP4 experts stay on the grouped GEMMs (measured faster); the env override turns it on or off."""
+    """Auto selection: experts of either format take the GEMV path up to its max_pairs and the
+    grouped GEMMs above; the env override moves the crossover or turns the path off."""
     from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
 
     calls = []
     real = fm.moe_gemv
     monkeypatch.setattr(fm, "moe_gemv", lambda *a: calls.append(a) or real(*a))
-    layer = make_moe_layer(4, 64, 32, 2, "bf16")
-    x = torch.randn(2, 64, device=DEV).bfloat16()
-    topk = make_routing(2, 4, 2, False)
-    ref = reference(layer, x, topk, "bf16")
-    assert rel_err(run_triton(layer, x, topk, "bf16"), ref) <= TOL and len(calls) == 1
-    limit = get_moe_gemv_config(0, "bf16").max_pairs
-    assert get_moe_gemv_config(limit, "bf16") is not None and get_moe_gemv_config(limit + 1, "bf16") is None
-    assert get_moe_gemv_config(8, "nvfp4") is None
-    monkeypatch.setenv("SGLANG_MOE_GEMV_MAX_PAIRS", "8")
-    assert get_moe_gemv_config(8, "nvfp4") is not None
+    for fmt in ("bf16", "nvfp4"):
+        layer = make_moe_layer(4, 64, 32, 2, fmt)
+        x = torch.randn(2, 64, device=DEV).bfloat16()
+        topk = make_routing(2, 4, 2, False)
+        ref = reference(layer, x, topk, fmt)  # before the triton runner repacks the weights
+        calls.clear()
+        assert rel_err(run_triton(layer, x, topk, fmt), ref) <= TOL and len(calls) == 1
+        limit = get_moe_gemv_config(0, fmt).max_pairs
+        assert limit >= 8, fmt  # one token of top-8 at least
+        assert get_moe_gemv_config(limit, fmt) is not None and get_moe_gemv_config(limit + 1, fmt) is None
+    monkeypatch.setenv("SGLANG_MOE_GEMV_MAX_PAIRS", "200")
+    assert get_moe_gemv_config(200, "nvfp4") is not None
     monkeypatch.setenv("SGLANG_MOE_GEMV_MAX_PAIRS", "0")
-    assert get_moe_gemv_config(4, "bf16") is None
+    assert get_moe_gemv_config(4, "bf16") is None and get_moe_gemv_config(1, "nvfp4") is None
 
 
 def test_moe_gemv_rejects_bad_fp4_tiles():

@@ -122,15 +122,16 @@ TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, Moe
 }  # fmt: skip
 
 
-# The GEMV path's tiles and crossover per weight format, from the H200 sweep
+# The GEMV path's tiles and crossover per weight format, from the H200 sweeps
 # (`bench_moe_nvfp4.py --tune-gemv`, 2026-11-28, E=128 H=2816 I=704 top-8; whole layer, GEMV vs the
-# tuned grouped GEMMs): bf16 experts win up to 4 tokens (32.9 vs 38.9 us at M=1, 96.5 vs 105.0 at
-# M=4; 179.8 vs 163.2 at M=8). NVFP4 experts lose at every M (36.0 vs 31.4 us at M=1): the decode
-# and the per-word x loads make it instruction-bound on the CUDA cores, where the grouped kernels
-# decode into MMA operands; its entry keeps tiles for forced use and max_pairs 0.
+# tuned grouped GEMMs). bf16 experts win up to 4 tokens (32.9 vs 38.9 us at M=1, 96.5 vs 105.0 at
+# M=4; 179.8 vs 163.2 at M=8). NVFP4 experts win up to 8 tokens (21.0 vs 25.4 us at M=1, 39.3 vs 45.8
+# at 2, 52.1 vs 64.8 at 4, 91.8 vs 100.6 at 8); in the model (decode graph replayed, batch 1/2/4/8)
+# 0.93/0.91/0.86/0.98 of the grouped path's step time. NVFP4 tiles: 256-K steps were the fastest
+# GEMM1 at every M (an even number of steps over H = 2816; 512 leaves a masked tail).
 GEMV_CONFIGS: dict[str, MoeGemvConfig] = {
     "bf16": MoeGemvConfig(32, GemvTile(32, 128, 8, 3), GemvTile(32, 128, 8, 1)),
-    "nvfp4": MoeGemvConfig(0, GemvTile(16, 512, 4, 3), GemvTile(16, 256, 4, 3)),
+    "nvfp4": MoeGemvConfig(64, GemvTile(16, 256, 4, 1), GemvTile(32, 256, 4, 1)),
 }
 
 

@@ -1,14 +1,16 @@
 """MoE for a handful of tokens: one GEMV per (token, slot) pair, no sorting, no MMA.
 
-At decode batch 1-4 nearly every pair reads its own expert, so the work is a few matrix-vector
+At decode batch 1-8 nearly every pair reads its own expert, so the work is a few matrix-vector
 products whose weights are read once; the grouped-GEMM path (fused_moe.py) pads each pair to a
-16-row MMA block and needs the align kernel first. Here program (N block, pair) reads the pair's
-expert id straight from topk_ids, decodes its weight rows in registers (NVFP4: the same repacked
-blocks and decode as the GEMM kernels) and multiplies on the CUDA cores, keeping per-lane fp32
+16-row MMA block, needs the align kernel first and, at one token, split-K plus a reduction kernel to
+occupy the GPU. Here program (N block, pair) reads the pair's expert id straight from topk_ids,
+streams its weight rows over the whole K and multiplies on the CUDA cores, keeping per-lane fp32
 partial sums that are reduced once at the end. GEMM1 applies both global scales and act(gate) * up;
 GEMM2 the down scale and the routing weight; rows are stored in pair order, so the caller's top-k sum
-reads them as the GEMM path's. Measured on the H200 this wins for bf16 experts up to 4 tokens and
-loses for NVFP4 ones (configs.GEMV_CONFIGS has the figures), so by default only bf16 experts come here.
+reads them as the GEMM path's. NVFP4 rows are read a whole 64-K block at a time from the repacked
+layout (8 contiguous code words and a scale word per row and block) and decoded in registers by the
+GEMM kernels' inline PTX; each decoded bf16x2 register is multiplied by the two x elements it holds,
+so nothing is reordered into K order. configs.GEMV_CONFIGS has the measured crossovers.
 """
 
 from __future__ import annotations
@@ -22,12 +24,8 @@ from sglang.srt.layers.moe.fused_moe_triton.kernels import (
     FP4_BLOCK_WORDS,
     FP4_UNSCALE,
     _fp4_decode_regs,
-    _fp4_scale_selectors,
     _gemm1_epilogue,
-    _halves,
     _weight_rows,
-    check_fp4_block_k,
-    scale_byte_table,
 )
 from sglang.srt.layers.triton_ops.common import pdl_launch, pdl_start
 
@@ -35,51 +33,124 @@ _BLOCK_WORDS = tl.constexpr(FP4_BLOCK_WORDS)
 
 
 @triton.jit
-def _word_dot(r, x_words, j: tl.constexpr, k_ok, EVEN_K: tl.constexpr):
-    """Products of one decoded register (elements j, j + 1 of each word) with the matching x."""
-    lo, hi = _halves(r)
-    if EVEN_K:
-        x_lo = tl.load(x_words + j)
-        x_hi = tl.load(x_words + j + 1)
-    else:
-        x_lo = tl.load(x_words + j, mask=k_ok, other=0.0)
-        x_hi = tl.load(x_words + j + 1, mask=k_ok, other=0.0)
-    return lo.to(tl.float32) * x_lo.to(tl.float32)[None, :] + hi.to(tl.float32) * x_hi.to(tl.float32)[None, :]
+def _f32_halves(r):
+    """A bf16x2 register (int32) as two fp32: its low and high elements (exact)."""
+    return (r << 16).to(tl.float32, bitcast=True), (r & -65536).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _gemv_step(
-    acc, w_rows, s_rows, selectors, x_row, k0, K,
-    BK: tl.constexpr, W_FP4: tl.constexpr, EVEN_K: tl.constexpr,
-):  # fmt: skip
-    """acc += W[rows, k0:k0+BK] * x[k0:k0+BK], elementwise: [BN, BK/8] per word (FP4) or [BN, BK].
-
-    FP4 words are not unpacked into K order: each decoded register is multiplied by the x elements it
-    holds. K columns past K hold zero codes (blocks are padded to 64) and x is masked there."""
-    if W_FP4:
-        offs_w = k0 // 8 + tl.arange(0, BK // 8)
-        chunk = (offs_w // 8) * _BLOCK_WORDS
-        k_ok = offs_w * 8 < K
-        if EVEN_K:
-            words = tl.load(w_rows + (chunk + offs_w % 8)[None, :])
-            scales = tl.load(s_rows + chunk[None, :])
-        else:
-            words = tl.load(w_rows + (chunk + offs_w % 8)[None, :], mask=k_ok[None, :], other=0)
-            scales = tl.load(s_rows + chunk[None, :], mask=k_ok[None, :], other=0)
-        r0, r1, r2, r3 = _fp4_decode_regs(words, scales, selectors[None, :])
-        x_words = x_row + offs_w * 8
-        acc += _word_dot(r0, x_words, 0, k_ok, EVEN_K) + _word_dot(r1, x_words, 2, k_ok, EVEN_K)
-        acc += _word_dot(r2, x_words, 4, k_ok, EVEN_K) + _word_dot(r3, x_words, 6, k_ok, EVEN_K)
+def _x_pairs(x_row, k0, K, NB: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[k0 : k0 + 64 NB] in the shape of an FP4 step's words [1, NB, 8], as the fp32 operands of
+    the four decoded registers: register j of a word holds its elements 2j (low) and 2j + 1 (high).
+    Loaded once per step and shared by every row (and by GEMM1's gate and up)."""
+    kb = tl.arange(0, NB)[None, :, None]
+    w = tl.arange(0, 8)[None, None, :]
+    # Four 4-byte loads a word (L1 hits after the first row): one 16-byte load split into the four
+    # registers' layouts costs a round trip through shared memory and a barrier per step.
+    pairs = x_row.to(tl.pointer_type(tl.int32)) + (k0 // 2 + kb * 32 + w * 4)
+    if EVEN_K:
+        p0, p1, p2, p3 = tl.load(pairs), tl.load(pairs + 1), tl.load(pairs + 2), tl.load(pairs + 3)
     else:
-        offs_k = k0 + tl.arange(0, BK)
-        if EVEN_K:
-            w = tl.load(w_rows + offs_k[None, :])
-            x = tl.load(x_row + offs_k)
-        else:
-            w = tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
-            x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        ok = k0 + kb * 64 + w * 8 < K  # K % 16 == 0: a word is wholly inside K or wholly past it
+        p0 = tl.load(pairs, mask=ok, other=0)
+        p1 = tl.load(pairs + 1, mask=ok, other=0)
+        p2 = tl.load(pairs + 2, mask=ok, other=0)
+        p3 = tl.load(pairs + 3, mask=ok, other=0)
+    x0, x1 = _f32_halves(p0)
+    x2, x3 = _f32_halves(p1)
+    x4, x5 = _f32_halves(p2)
+    x6, x7 = _f32_halves(p3)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _fp4_tile_ptrs(w_rows, s_rows, NB: tl.constexpr):
+    """Pointers of the first step's tile: NB whole 64-K blocks of rows [BN] (code words [BN, NB, 8],
+    scale words [BN, NB, 1]); later steps add a scalar. Per row and block the 8 code words are
+    contiguous: 16-byte loads, and every 32-byte sector read is used."""
+    kb = tl.arange(0, NB)[None, :, None] * _BLOCK_WORDS
+    return w_rows[:, :, None] + kb + tl.arange(0, 8)[None, None, :], s_rows[:, :, None] + kb
+
+
+@triton.jit
+def _fp4_load(word_ptrs, scale_ptrs, k0, K, NB: tl.constexpr, EVEN_K: tl.constexpr):
+    off = (k0 // 64) * _BLOCK_WORDS
+    if EVEN_K:
+        return tl.load(word_ptrs + off), tl.load(scale_ptrs + off)
+    # Blocks past K do not exist (a block's own K tail holds zero codes, and x is masked there).
+    ok = k0 + tl.arange(0, NB)[None, :, None] * 64 < K
+    return tl.load(word_ptrs + off, mask=ok, other=0), tl.load(scale_ptrs + off, mask=ok, other=0)
+
+
+@triton.jit
+def _fp4_mac(acc, words, scales, x0, x1, x2, x3, x4, x5, x6, x7):
+    """acc [BN, NB, 8] += each word's 8 products with x: the decoded registers are never unpacked
+    into K order; register j meets x elements 2j and 2j + 1 of its word (`_x_pairs`)."""
+    w = tl.arange(0, 8)[None, None, :]
+    selectors = ((w // 2) % 4) * 0x0101 + 0x4040  # the word's scale byte -> bytes 0 and 2
+    r0, r1, r2, r3 = _fp4_decode_regs(words, tl.broadcast_to(scales, words.shape), selectors)
+    w0, w1 = _f32_halves(r0)
+    w2, w3 = _f32_halves(r1)
+    w4, w5 = _f32_halves(r2)
+    w6, w7 = _f32_halves(r3)
+    # One fused multiply-add per weight (bf16 * bf16 is exact in fp32).
+    acc += w0 * x0
+    acc += w1 * x1
+    acc += w2 * x2
+    acc += w3 * x3
+    acc += w4 * x4
+    acc += w5 * x5
+    acc += w6 * x6
+    acc += w7 * x7
     return acc
+
+
+@triton.jit
+def _fp4_gemv(
+    x_row, a_rows, a_srows, b_rows, b_srows, K,
+    BN: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, TWO: tl.constexpr, PDL_AFTER_FIRST: tl.constexpr,
+):  # fmt: skip
+    """Unscaled row sums (W_a x, W_b x) [BN] for FP4 row sets a and, with TWO, b (GEMM1's gate and
+    up, sharing each step's x); without TWO the second is zero. Each step's tiles are loaded one
+    step ahead, so a program keeps two steps of weights in flight (Triton's pipeliner leaves loads
+    that do not feed a dot synchronous). PDL_AFTER_FIRST: wait for the previous kernel (x) only
+    once the first tiles are on their way."""
+    a_w, a_s = _fp4_tile_ptrs(a_rows, a_srows, NB)
+    b_w, b_s = _fp4_tile_ptrs(b_rows, b_srows, NB)
+    acc_a = tl.zeros((BN, NB, 8), dtype=tl.float32)
+    acc_b = tl.zeros((BN, NB, 8), dtype=tl.float32)
+    aw, as_ = _fp4_load(a_w, a_s, 0, K, NB, EVEN_K)
+    bw, bs = aw, as_
+    if TWO:
+        bw, bs = _fp4_load(b_w, b_s, 0, K, NB, EVEN_K)
+    pdl_start(PDL_AFTER_FIRST)
+    for k0 in range(0, K, 64 * NB):
+        k1 = k0 + 64 * NB
+        if EVEN_K:
+            k1 = tl.minimum(k1, K - 64 * NB)  # the last step re-reads its own tile: no mask needed
+        naw, nas = _fp4_load(a_w, a_s, k1, K, NB, EVEN_K)
+        nbw, nbs = naw, nas
+        if TWO:
+            nbw, nbs = _fp4_load(b_w, b_s, k1, K, NB, EVEN_K)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_row, k0, K, NB, EVEN_K)
+        acc_a = _fp4_mac(acc_a, aw, as_, x0, x1, x2, x3, x4, x5, x6, x7)
+        if TWO:
+            acc_b = _fp4_mac(acc_b, bw, bs, x0, x1, x2, x3, x4, x5, x6, x7)
+        aw, as_, bw, bs = naw, nas, nbw, nbs
+    return tl.sum(tl.sum(acc_a, 2), 1), tl.sum(tl.sum(acc_b, 2), 1)
+
+
+@triton.jit
+def _bf16_step(acc, w_rows, x_row, k0, K, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc [BN, BK] += W[rows, k0:k0+BK] * x[k0:k0+BK], elementwise."""
+    offs_k = k0 + tl.arange(0, BK)
+    if EVEN_K:
+        w = tl.load(w_rows + offs_k[None, :])
+        x = tl.load(x_row + offs_k)
+    else:
+        w = tl.load(w_rows + offs_k[None, :], mask=(offs_k < K)[None, :], other=0.0)
+        x = tl.load(x_row + offs_k, mask=offs_k < K, other=0.0)
+    return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -89,17 +160,8 @@ def _gemv_rows(w_ptr, expert, offs_n, N, row_offset, stride_we, stride_wn, W_FP4
 
 
 @triton.jit
-def _zero_gemv_acc(BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr):
-    if W_FP4:
-        acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BN, BK), dtype=tl.float32)
-    return acc
-
-
-@triton.jit
 def moe_gemv1_kernel(
-    x_ptr, w_ptr, tbl_ptr, gs_ptr, topk_ids_ptr, h_ptr, top_k, N, K,
+    x_ptr, w_ptr, gs_ptr, topk_ids_ptr, h_ptr, top_k, N, K,
     stride_xm, stride_we, stride_wn, stride_hm,
     BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, ACT: tl.constexpr, HAS_GS: tl.constexpr,
     EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
@@ -113,48 +175,59 @@ def moe_gemv1_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     gate_w, gate_s = _gemv_rows(w_ptr, expert, offs_n, N, 0, stride_we, stride_wn, W_FP4)
     up_w, up_s = _gemv_rows(w_ptr, expert, offs_n, N, N, stride_we, stride_wn, W_FP4)
-    selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
-    acc_g = _zero_gemv_acc(BN, BK, W_FP4)
-    acc_u = _zero_gemv_acc(BN, BK, W_FP4)
-    for k0 in range(0, K, BK):
-        acc_g = _gemv_step(acc_g, gate_w, gate_s, selectors, x_row, k0, K, BK, W_FP4, EVEN_K)
-        acc_u = _gemv_step(acc_u, up_w, up_s, selectors, x_row, k0, K, BK, W_FP4, EVEN_K)
+    if W_FP4:
+        g, u = _fp4_gemv(x_row, gate_w, gate_s, up_w, up_s, K, BN, BK // 64, EVEN_K, True, False)
+    else:
+        acc_g = tl.zeros((BN, BK), dtype=tl.float32)
+        acc_u = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc_g = _bf16_step(acc_g, gate_w, x_row, k0, K, BK, EVEN_K)
+            acc_u = _bf16_step(acc_u, up_w, x_row, k0, K, BK, EVEN_K)
+        g, u = tl.sum(acc_g, 1), tl.sum(acc_u, 1)
     row = tl.full((1,), pair, tl.int32)
-    g = tl.sum(acc_g, 1)[None, :]
-    u = tl.sum(acc_u, 1)[None, :]
+    g = g[None, :]
+    u = u[None, :]
     _gemm1_epilogue(g, u, expert, gs_ptr, h_ptr, row, offs_n, N, stride_hm, W_FP4, ACT, True, HAS_GS)
 
 
 @triton.jit
 def moe_gemv2_kernel(
-    h_ptr, w_ptr, tbl_ptr, gs_ptr, topk_ids_ptr, topk_w_ptr, out_ptr, N, K,
+    h_ptr, w_ptr, gs_ptr, topk_ids_ptr, topk_w_ptr, out_ptr, N, K,
     stride_hm, stride_we, stride_wn, stride_om,
     BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, HAS_GS: tl.constexpr, EVEN_K: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
-    """out[pair, n] = topk_w[pair] * gs_down * (h[pair] @ W_down^T)[n] for N columns [BN) of one pair."""
-    pdl_start(PDL)
+    """out[pair, n] = topk_w[pair] * gs_down * (h[pair] @ W_down^T)[n] for N columns [BN) of one pair.
+
+    Under PDL the FP4 path reads the expert id and its first weight tile before waiting for h: this
+    kernel follows GEMM1, which let it launch only after waiting for its own predecessor, so
+    topk_ids (written before GEMM1) is complete, and no kernel writes the weights."""
+    if not W_FP4:
+        pdl_start(PDL)
     pid_n, pair = tl.program_id(0), tl.program_id(1)
     expert = tl.load(topk_ids_ptr + pair).to(tl.int64)
     h_row = h_ptr + pair.to(tl.int64) * stride_hm
     offs_n = pid_n * BN + tl.arange(0, BN)
     w_rows, s_rows = _gemv_rows(w_ptr, expert, offs_n, N, 0, stride_we, stride_wn, W_FP4)
-    selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
-    acc = _zero_gemv_acc(BN, BK, W_FP4)
-    for k0 in range(0, K, BK):
-        acc = _gemv_step(acc, w_rows, s_rows, selectors, h_row, k0, K, BK, W_FP4, EVEN_K)
+    if W_FP4:
+        y, _ = _fp4_gemv(h_row, w_rows, s_rows, w_rows, s_rows, K, BN, BK // 64, EVEN_K, False, PDL)
+    else:
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            acc = _bf16_step(acc, w_rows, h_row, k0, K, BK, EVEN_K)
+        y = tl.sum(acc, 1)
     scale = tl.load(topk_w_ptr + pair)
     if W_FP4:
         scale = scale * FP4_UNSCALE
     if HAS_GS:
         scale = scale * tl.load(gs_ptr + expert)
-    y = tl.sum(acc, 1) * scale
+    y = y * scale
     tl.store(out_ptr + pair.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 def _launch(t: GemvTile, w_fp4: bool, k: int, device: torch.device) -> dict:
-    if w_fp4:
-        check_fp4_block_k(t.block_k)
+    if w_fp4 and (t.block_k % 64 or t.block_k & (t.block_k - 1)):
+        raise ValueError(f"NVFP4 GEMV tiles step over a power of two of whole 64-K blocks; got block_k {t.block_k}")
     return dict(BN=t.block_n, BK=t.block_k, EVEN_K=k % t.block_k == 0, num_warps=t.num_warps, num_stages=t.num_stages,
                 **pdl_launch(device))
 
@@ -163,10 +236,12 @@ def moe_gemv1(x: torch.Tensor, w, topk_ids: torch.Tensor, act: int, t: GemvTile)
     """h [M * top_k, I] bf16 in pair order; w is a fused_moe.ExpertWeights."""
     num_pairs, top_k = topk_ids.numel(), topk_ids.shape[1]
     inter, hidden = w.inter, x.shape[1]
+    if w.is_fp4 and x.dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16)  # read as bf16 pairs; the grouped kernels round x to bf16 as well
     h = torch.empty(num_pairs, inter, dtype=torch.bfloat16, device=x.device)
     gs = w.w13_scale_2 if w.w13_scale_2 is not None else w.w13
     moe_gemv1_kernel[(triton.cdiv(inter, t.block_n), num_pairs)](
-        x, w.w13, scale_byte_table(x.device), gs, topk_ids.reshape(-1), h, top_k, inter, hidden,
+        x, w.w13, gs, topk_ids.reshape(-1), h, top_k, inter, hidden,
         x.stride(0), w.w13.stride(0), w.w13.stride(1), h.stride(0),
         W_FP4=w.is_fp4, ACT=act, HAS_GS=w.w13_scale_2 is not None, **_launch(t, w.is_fp4, hidden, x.device),
     )  # fmt: skip
@@ -182,7 +257,7 @@ def moe_gemv2(
     out = torch.empty(num_pairs, hidden, dtype=dtype, device=h.device)
     gs = w.w2_scale_2 if w.w2_scale_2 is not None else w.w2
     moe_gemv2_kernel[(triton.cdiv(hidden, t.block_n), num_pairs)](
-        h, w.w2, scale_byte_table(h.device), gs, topk_ids.reshape(-1), topk_weights.reshape(-1).float(), out,
+        h, w.w2, gs, topk_ids.reshape(-1), topk_weights.reshape(-1).float(), out,
         hidden, inter, h.stride(0), w.w2.stride(0), w.w2.stride(1), out.stride(0),
         W_FP4=w.is_fp4, HAS_GS=w.w2_scale_2 is not None, **_launch(t, w.is_fp4, inter, h.device),
     )  # fmt: skip
