@@ -268,16 +268,16 @@ def ptxas_available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-def compile_for_sm90(fn, args: dict, consts: dict, weights: Collection[str] = (), **options) -> str:
-    """PTX of Triton kernel `fn` compiled for sm_90 (run without TRITON_INTERPRET) with parameter
-    types `args` (name -> type, in order) and constexprs `consts`; a PDL variant (PDL=True) must
-    pass assert_pdl_waits_first, reading only `weights` before its wait."""
+def compile_for_sm90(fn, args: dict, consts: dict, weights: Collection[str] = (), arch: int = 90, **options) -> str:
+    """PTX of Triton kernel `fn` compiled for sm_90 (or sm_`arch`; run without TRITON_INTERPRET) with
+    parameter types `args` (name -> type, in order) and constexprs `consts`; a PDL variant (PDL=True)
+    must pass assert_pdl_waits_first, reading only `weights` before its wait."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=fn, signature={**args, **{name: "constexpr" for name in consts}}, constexprs=consts)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["ptx"]
     if consts.get("PDL"):
         assert_pdl_waits_first(ptx, fn.__name__, list(args), weights)
     return ptx

@@ -415,6 +415,8 @@ def test_kv_cache_dtype_resolution():
     assert resolve_kv_cache_dtype("auto", torch.float32, None) == torch.float32
     assert resolve_kv_cache_dtype("bf16", torch.float32, "FP8") == bf16
     assert resolve_kv_cache_dtype("fp8_e4m3", bf16, None) == fp8
+    # A GPU without fp8 (below SM89) keeps the model dtype even when the checkpoint asks for FP8.
+    assert resolve_kv_cache_dtype("auto", bf16, "FP8", fp8_supported=False) == bf16
     with pytest.raises(ValueError, match="unsupported kv_cache_dtype"):
         resolve_kv_cache_dtype("int4", bf16, None)
 

@@ -224,9 +224,9 @@ def test_gemm1_k_slices():
 
 
 def _compile_split_k_for_sm90() -> None:
-    """GEMM1 split-K and the GEMV path's kernels compiled for sm_90 at the real tiles (the interpreter
-    never compiles them; the FP4 decode's inline PTX only exists on this path). Run without
-    TRITON_INTERPRET."""
+    """GEMM1 split-K and the GEMV path's kernels compiled for sm_90 at the real tiles, and the FP4
+    kernels for sm_80 (the interpreter never compiles them; the FP4 decode's inline PTX only exists on
+    this path). Run without TRITON_INTERPRET."""
     from conftest import compile_for_sm90
 
     from sglang.srt.layers.moe.fused_moe_triton import kernels
@@ -262,6 +262,16 @@ def _compile_split_k_for_sm90() -> None:
         # GEMM2 reads the expert id and first weight tile before its wait (see moe_gemv2_kernel).
         consts = dict(BN=32, BK=128, W_FP4=True, HAS_GS=True, EVEN_K=even, PDL=True)
         compile_for_sm90(moe_gemv.moe_gemv2_kernel, gemv2, consts, ("w_ptr", "topk_ids_ptr"), num_warps=4, num_stages=1)
+
+    # Ampere (sm_80): the FP4 decode's PTX must assemble there too (no PDL below sm_90).
+    for swap in (False, True):
+        consts = dict(BM=16, BN=64, BK=64, W_FP4=True, ACT=0, SWAP_AB=swap, SPLIT_K=1, FUSE_ACT=True, HAS_GS=True,
+                      PDL=False)  # fmt: skip
+        compile_for_sm90(kernels.moe_gemm1_kernel, gemm1, consts, arch=80, num_warps=4, num_stages=4)
+    consts = dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=True, PDL=False)
+    compile_for_sm90(moe_gemv.moe_gemv1_kernel, gemv1, consts, arch=80, num_warps=4, num_stages=1)
+    consts = dict(BN=32, BK=256, W_FP4=True, HAS_GS=True, EVEN_K=False, PDL=False)
+    compile_for_sm90(moe_gemv.moe_gemv2_kernel, gemv2, consts, arch=80, num_warps=4, num_stages=1)
 
 
 @pytest.mark.skipif(not ptxas_available(), reason="no ptxas here")

@@ -98,6 +98,20 @@ def test_flashinfer_trtllm_below_sm100_is_rejected_with_reason(nvfp4_ckpt, sm):
         ServerArgs(model_path=nvfp4_ckpt, device="cuda", moe_runner_backend="flashinfer_trtllm")
 
 
+@pytest.mark.parametrize("sm", [80, 86])
+def test_fp8_kv_cache_below_sm89_is_rejected_with_reason(nvfp4_ckpt, sm):
+    with on_sm(sm), pytest.raises(ValueError, match=rf"fp8_e4m3 needs fp8 support \(SM89\+.*SM{sm}"):
+        ServerArgs(model_path=nvfp4_ckpt, device="cuda", kv_cache_dtype="fp8_e4m3")
+    with on_sm(sm):  # auto (and bf16) stay allowed: the runner keeps the model dtype there
+        assert ServerArgs(model_path=nvfp4_ckpt, device="cuda").kv_cache_dtype == "auto"
+
+
+@pytest.mark.parametrize("sm", [89, 90, 100])
+def test_fp8_kv_cache_from_sm89_is_accepted(nvfp4_ckpt, sm):
+    with on_sm(sm):
+        assert ServerArgs(model_path=nvfp4_ckpt, device="cuda", kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8_e4m3"
+
+
 def test_gpu_backends_on_cpu_are_rejected(nvfp4_ckpt):
     with pytest.raises(ValueError, match="needs a GPU"):
         ServerArgs(model_path=nvfp4_ckpt, device="cpu", moe_runner_backend="flashinfer_trtllm")

@@ -146,6 +146,11 @@ class ServerArgs:
             if self.quantization is None:
                 self.quantization = quantization
         sm = utils.get_device_sm() if self.device == "cuda" else 0
+        _check(
+            self.kv_cache_dtype != "fp8_e4m3" or self.device != "cuda" or sm >= utils.FP8_KV_MIN_SM,
+            f"--kv-cache-dtype fp8_e4m3 needs fp8 support (SM{utils.FP8_KV_MIN_SM}+, Ada/Hopper or newer); "
+            f"this GPU is SM{sm}: use bf16",
+        )
         if set(architectures) & set(GEMMA4_ARCHITECTURES):
             self.moe_runner_backend = _gemma4_moe_backend(self.moe_runner_backend, self.device, sm, quantization)
         elif self.moe_runner_backend == "auto":

@@ -10,6 +10,10 @@ import tempfile
 
 logger = logging.getLogger(__name__)
 
+# First GPU generation with fp8 (Ada SM89, Hopper SM90): Triton's float8_e4m3 loads and conversions
+# need it, so an fp8 KV cache does too.
+FP8_KV_MIN_SM = 89
+
 
 def get_device_sm() -> int:
     """GPU generation as major*10+minor (100 Blackwell, 90 Hopper, 80 Ampere); 0 without a GPU.

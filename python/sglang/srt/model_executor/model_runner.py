@@ -28,6 +28,7 @@ from sglang.srt.mem_cache.memory_pool import (
 )
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, LogitsProcessorOutput
 from sglang.srt.model_loader.loader import load_model
+from sglang.srt.utils import FP8_KV_MIN_SM, get_device_sm
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,20 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def resolve_kv_cache_dtype(choice: str, model_dtype: torch.dtype, ckpt_kv_algo: str | None) -> torch.dtype:
+def resolve_kv_cache_dtype(
+    choice: str, model_dtype: torch.dtype, ckpt_kv_algo: str | None, fp8_supported: bool = True
+) -> torch.dtype:
     """'auto': an FP8 KV cache when the checkpoint was calibrated for one (`kv_cache_quant_algo: FP8`,
-    whose k/v scales the attention layers load), else the model dtype."""
+    whose k/v scales the attention layers load) and the GPU has fp8 (`fp8_supported`), else the
+    model dtype."""
     if choice not in _KV_DTYPES:
         raise ValueError(f"unsupported kv_cache_dtype {choice!r}; choose from {sorted(_KV_DTYPES)}")
     if choice == "auto":
         if str(ckpt_kv_algo or "").upper() == "FP8":
+            if not fp8_supported:
+                logger.warning("the checkpoint is calibrated for an FP8 KV cache, but this GPU has no fp8 "
+                               f"(SM{FP8_KV_MIN_SM}+): using {str(model_dtype).removeprefix('torch.')}")  # fmt: skip
+                return model_dtype
             logger.info("the checkpoint is calibrated for an FP8 KV cache: using fp8_e4m3 (--kv-cache-dtype bf16 keeps bf16)")
             return _KV_DTYPES["fp8_e4m3"]
         return model_dtype
@@ -69,7 +77,6 @@ class ModelRunner:
         if self.moe_runner_backend == "flashinfer_trtllm":
             # Fail before a long weight load, not after it.
             from sglang.srt.layers.moe.moe_runner.flashinfer_trtllm import check_flashinfer_trtllm_supported
-            from sglang.srt.utils import get_device_sm
 
             check_flashinfer_trtllm_supported(get_device_sm())
         self.model = load_model(
@@ -97,7 +104,8 @@ class ModelRunner:
         # checkpoint's FP8 calibration there.
         quant = self.model_config.quant_config or {}
         algo = quant.get("kv_cache_quant_algo") if self.device.startswith("cuda") else None
-        return resolve_kv_cache_dtype(self.server_args.kv_cache_dtype, self.dtype, algo)
+        fp8 = self.device.startswith("cuda") and get_device_sm() >= FP8_KV_MIN_SM
+        return resolve_kv_cache_dtype(self.server_args.kv_cache_dtype, self.dtype, algo, fp8)
 
     def _kv_budget_bytes(self) -> float:
         free, total = torch.cuda.mem_get_info()

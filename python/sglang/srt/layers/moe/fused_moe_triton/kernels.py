@@ -92,23 +92,27 @@ def scale_byte_table(device: torch.device) -> torch.Tensor:
 # One code word, its scale word and a PRMT selector copying the word's scale byte to bytes 0 and 2
 # -> the word's 4 bf16x2 registers as 4 int32 ($0..$3; inputs $4 word, $5 scale word, $6 selector).
 # Elementwise in Triton's sense: each output depends on its own inputs only, whatever the layout.
+# The products are `fma.rn.bf16x2` with a -0.0 addend, the same bits as a multiply (exact products;
+# -0 keeps a zero product's sign), because `mul.bf16x2` needs sm_90 and the FMA runs on sm_80 too
+# (ptxas on sm_90 emits HFMA2/HMUL2.BF16 for either).
 _FP4_DECODE_ASM = tl.constexpr("""
 {
-.reg .b32 s, r;
+.reg .b32 s, r, z;
+mov.b32 z, 0x80008000;
 prmt.b32 s, $5, 0, $6;
 mad.lo.u32 s, s, 16, 0x75807580;
 and.b32 r, $4, 0x81C081C0;
-mul.rn.bf16x2 $0, r, s;
+fma.rn.bf16x2 $0, r, s, z;
 shf.l.wrap.b32 r, $4, $4, 10;
 and.b32 r, r, 0x81C081C0;
-mul.rn.bf16x2 $1, r, s;
+fma.rn.bf16x2 $1, r, s, z;
 shf.l.wrap.b32 r, $4, $4, 13;
 and.b32 r, r, 0x81C081C0;
-mul.rn.bf16x2 $2, r, s;
+fma.rn.bf16x2 $2, r, s, z;
 and.b32 r, $4, 0x001B001B;
 mul.lo.u32 r, r, 4228;
 and.b32 r, r, 0x81C081C0;
-mul.rn.bf16x2 $3, r, s;
+fma.rn.bf16x2 $3, r, s, z;
 }
 """)
 
