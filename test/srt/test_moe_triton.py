@@ -393,6 +393,19 @@ def test_moe_gemv_fp4_takes_fp32_activations():
     assert out.dtype == torch.float32 and rel_err(out, ref) <= TOL
 
 
+def test_moe_gemv_fp4_takes_a_misaligned_row():
+    """x at an odd bf16 offset (a view into a larger buffer) cannot be read as 4-byte pairs in place:
+    on a GPU the misaligned loads would fault (the CPU interpreter reads unaligned memory, so there
+    this checks the values only)."""
+    layer = make_moe_layer(6, 128, 48, 4, "nvfp4")
+    x = torch.randn(1, 129, device=DEV).bfloat16()[:, 1:]
+    assert x.data_ptr() % 4 == 2
+    topk = make_routing(1, 6, 4, False)
+    ref = reference(layer, x, topk, "nvfp4")
+    out = run_triton(layer, x, topk, "nvfp4", MoeGemvConfig(4, GemvTile(16, 64, 2), GemvTile(16, 64, 2)))
+    assert rel_err(out, ref) <= TOL
+
+
 def test_moe_gemv_is_the_default_for_few_pairs(monkeypatch):
     """Auto selection: experts of either format take the GEMV path up to its max_pairs and the
     grouped GEMMs above; the env override moves the crossover or turns the path off."""

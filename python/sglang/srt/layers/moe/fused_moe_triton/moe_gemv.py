@@ -236,8 +236,9 @@ def moe_gemv1(x: torch.Tensor, w, topk_ids: torch.Tensor, act: int, t: GemvTile)
     """h [M * top_k, I] bf16 in pair order; w is a fused_moe.ExpertWeights."""
     num_pairs, top_k = topk_ids.numel(), topk_ids.shape[1]
     inter, hidden = w.inter, x.shape[1]
-    if w.is_fp4 and x.dtype != torch.bfloat16:
-        x = x.to(torch.bfloat16)  # read as bf16 pairs; the grouped kernels round x to bf16 as well
+    if w.is_fp4 and (x.dtype != torch.bfloat16 or x.data_ptr() % 4):
+        # Read as 4-byte bf16 pairs, so aligned bf16 it must be (the grouped kernels round x to bf16 too).
+        x = x.to(torch.bfloat16, copy=True)
     h = torch.empty(num_pairs, inter, dtype=torch.bfloat16, device=x.device)
     gs = w.w13_scale_2 if w.w13_scale_2 is not None else w.w13
     moe_gemv1_kernel[(triton.cdiv(inter, t.block_n), num_pairs)](
