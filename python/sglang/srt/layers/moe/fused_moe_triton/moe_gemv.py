@@ -111,10 +111,10 @@ def _fp4_gemv(
     BN: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, TWO: tl.constexpr, PDL_AFTER_FIRST: tl.constexpr,
 ):  # fmt: skip
     """Unscaled row sums (W_a x, W_b x) [BN] for FP4 row sets a and, with TWO, b (GEMM1's gate and
-    up, sharing each step's x); without TWO the second is zero. Each step's tiles are loaded one
-    step ahead, so a program keeps two steps of weights in flight (Triton's pipeliner leaves loads
-    that do not feed a dot synchronous). PDL_AFTER_FIRST: wait for the previous kernel (x) only
-    once the first tiles are on their way."""
+    up, sharing each step's x); without TWO the second is zero. The next step's tiles are loaded
+    before this step's math, so their latency overlaps it (Triton's pipeliner leaves loads that do
+    not feed a dot synchronous; the register moves ending each step still wait for them).
+    PDL_AFTER_FIRST: wait for the previous kernel (x) only once the first tiles are on their way."""
     a_w, a_s = _fp4_tile_ptrs(a_rows, a_srows, NB)
     b_w, b_s = _fp4_tile_ptrs(b_rows, b_srows, NB)
     acc_a = tl.zeros((BN, NB, 8), dtype=tl.float32)
