@@ -364,6 +364,9 @@ _GEMV_CASES = [
     (5, 128, 48, 2, 3, True, "gelu_pytorch_tanh", ((32, 64, 4), (16, 64, 2))),
     (6, 192, 80, 3, 1, False, "silu", ((16, 128, 4), (32, 128, 4))),
     (9, 64, 32, 1, 8, True, "gelu_pytorch_tanh", ((16, 64, 2), (16, 64, 2))),
+    # K not a whole number of steps: the last FP4 step moves back (H = 5 blocks of 64 at 4 a step);
+    # a step wider than all of K (I = 176: 3 blocks) is narrowed to fit.
+    (5, 320, 176, 2, 2, False, "gelu_pytorch_tanh", ((16, 256, 4), (16, 512, 2))),
 ]
 
 

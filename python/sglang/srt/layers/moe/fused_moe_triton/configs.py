@@ -128,7 +128,8 @@ TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, Moe
 # M=4; 179.8 vs 163.2 at M=8). NVFP4 experts win up to 8 tokens (21.0 vs 25.4 us at M=1, 39.3 vs 45.8
 # at 2, 52.1 vs 64.8 at 4, 91.8 vs 100.6 at 8); in the model (decode graph replayed, batch 1/2/4/8)
 # 0.93/0.91/0.86/0.98 of the grouped path's step time. NVFP4 tiles: 256-K steps were the fastest
-# GEMM1 at every M (an even number of steps over H = 2816; 512 leaves a masked tail).
+# GEMM1 at every M, also once wider steps lost their masked tail (the last step moves back): on H100
+# 2026-12-07, M=1 GEMM1 11.4 us at 256-K steps, 12.5 at 512, 12.8 at 1024.
 GEMV_CONFIGS: dict[str, MoeGemvConfig] = {
     "bf16": MoeGemvConfig(32, GemvTile(32, 128, 8, 3), GemvTile(32, 128, 8, 1)),
     "nvfp4": MoeGemvConfig(64, GemvTile(16, 256, 4, 1), GemvTile(32, 256, 4, 1)),

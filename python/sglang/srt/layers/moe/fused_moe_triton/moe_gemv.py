@@ -39,10 +39,11 @@ def _f32_halves(r):
 
 
 @triton.jit
-def _x_pairs(x_row, k0, K, NB: tl.constexpr, EVEN_K: tl.constexpr):
+def _x_pairs(x_row, k0, lo, K, NB: tl.constexpr, EVEN_K: tl.constexpr):
     """x[k0 : k0 + 64 NB] in the shape of an FP4 step's words [1, NB, 8], as the fp32 operands of
     the four decoded registers: register j of a word holds its elements 2j (low) and 2j + 1 (high).
-    Loaded once per step and shared by every row (and by GEMM1's gate and up)."""
+    Elements below lo (already taken by the previous step) or past K read as zero. Loaded once per
+    step and shared by every row (and by GEMM1's gate and up)."""
     kb = tl.arange(0, NB)[None, :, None]
     w = tl.arange(0, 8)[None, None, :]
     # Four 4-byte loads a word (L1 hits after the first row): one 16-byte load split into the four
@@ -51,7 +52,8 @@ def _x_pairs(x_row, k0, K, NB: tl.constexpr, EVEN_K: tl.constexpr):
     if EVEN_K:
         p0, p1, p2, p3 = tl.load(pairs), tl.load(pairs + 1), tl.load(pairs + 2), tl.load(pairs + 3)
     else:
-        ok = k0 + kb * 64 + w * 8 < K  # K % 16 == 0: a word is wholly inside K or wholly past it
+        k = k0 + kb * 64 + w * 8  # K % 16 == 0: a word is wholly inside K or wholly past it
+        ok = (k >= lo) & (k < K)
         p0 = tl.load(pairs, mask=ok, other=0)
         p1 = tl.load(pairs + 1, mask=ok, other=0)
         p2 = tl.load(pairs + 2, mask=ok, other=0)
@@ -73,13 +75,9 @@ def _fp4_tile_ptrs(w_rows, s_rows, NB: tl.constexpr):
 
 
 @triton.jit
-def _fp4_load(word_ptrs, scale_ptrs, k0, K, NB: tl.constexpr, EVEN_K: tl.constexpr):
+def _fp4_load(word_ptrs, scale_ptrs, k0):
     off = (k0 // 64) * _BLOCK_WORDS
-    if EVEN_K:
-        return tl.load(word_ptrs + off), tl.load(scale_ptrs + off)
-    # Blocks past K do not exist (a block's own K tail holds zero codes, and x is masked there).
-    ok = k0 + tl.arange(0, NB)[None, :, None] * 64 < K
-    return tl.load(word_ptrs + off, mask=ok, other=0), tl.load(scale_ptrs + off, mask=ok, other=0)
+    return tl.load(word_ptrs + off), tl.load(scale_ptrs + off)
 
 
 @triton.jit
@@ -114,25 +112,27 @@ def _fp4_gemv(
     up, sharing each step's x); without TWO the second is zero. The next step's tiles are loaded
     before this step's math, so their latency overlaps it (Triton's pipeliner leaves loads that do
     not feed a dot synchronous; the register moves ending each step still wait for them).
+    Weight loads carry no mask: every step's tile lies inside the K blocks (NB <= their count, see
+    `_launch`); when K is not a whole number of steps the last one moves back to end at the last
+    block and zeroes x where the step before it already went (a re-read of L1/L2-resident tiles).
     PDL_AFTER_FIRST: wait for the previous kernel (x) only once the first tiles are on their way."""
     a_w, a_s = _fp4_tile_ptrs(a_rows, a_srows, NB)
     b_w, b_s = _fp4_tile_ptrs(b_rows, b_srows, NB)
     acc_a = tl.zeros((BN, NB, 8), dtype=tl.float32)
     acc_b = tl.zeros((BN, NB, 8), dtype=tl.float32)
-    aw, as_ = _fp4_load(a_w, a_s, 0, K, NB, EVEN_K)
+    last = (tl.cdiv(K, 64) - NB) * 64  # where the last step starts
+    aw, as_ = _fp4_load(a_w, a_s, 0)
     bw, bs = aw, as_
     if TWO:
-        bw, bs = _fp4_load(b_w, b_s, 0, K, NB, EVEN_K)
+        bw, bs = _fp4_load(b_w, b_s, 0)
     pdl_start(PDL_AFTER_FIRST)
     for k0 in range(0, K, 64 * NB):
-        k1 = k0 + 64 * NB
-        if EVEN_K:
-            k1 = tl.minimum(k1, K - 64 * NB)  # the last step re-reads its own tile: no mask needed
-        naw, nas = _fp4_load(a_w, a_s, k1, K, NB, EVEN_K)
+        k1 = tl.minimum(k0 + 64 * NB, last)  # after the last step it re-reads its own tile
+        naw, nas = _fp4_load(a_w, a_s, k1)
         nbw, nbs = naw, nas
         if TWO:
-            nbw, nbs = _fp4_load(b_w, b_s, k1, K, NB, EVEN_K)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_row, k0, K, NB, EVEN_K)
+            nbw, nbs = _fp4_load(b_w, b_s, k1)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_row, tl.minimum(k0, last), k0, K, NB, EVEN_K)
         acc_a = _fp4_mac(acc_a, aw, as_, x0, x1, x2, x3, x4, x5, x6, x7)
         if TWO:
             acc_b = _fp4_mac(acc_b, bw, bs, x0, x1, x2, x3, x4, x5, x6, x7)
@@ -226,9 +226,13 @@ def moe_gemv2_kernel(
 
 
 def _launch(t: GemvTile, w_fp4: bool, k: int, device: torch.device) -> dict:
-    if w_fp4 and (t.block_k % 64 or t.block_k & (t.block_k - 1)):
-        raise ValueError(f"NVFP4 GEMV tiles step over a power of two of whole 64-K blocks; got block_k {t.block_k}")
-    return dict(BN=t.block_n, BK=t.block_k, EVEN_K=k % t.block_k == 0, num_warps=t.num_warps, num_stages=t.num_stages,
+    block_k = t.block_k
+    if w_fp4:
+        if block_k % 64 or block_k & (block_k - 1):
+            raise ValueError(f"NVFP4 GEMV tiles step over a power of two of whole 64-K blocks; got block_k {block_k}")
+        while block_k > 64 and block_k > triton.cdiv(k, 64) * 64:
+            block_k //= 2  # a step never reaches past the last block (its loads have no mask)
+    return dict(BN=t.block_n, BK=block_k, EVEN_K=k % block_k == 0, num_warps=t.num_warps, num_stages=t.num_stages,
                 **pdl_launch(device))
 
 
