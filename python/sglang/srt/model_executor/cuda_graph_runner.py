@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode, LogitsProcessorOutput
+from sglang.srt.model_executor.parallel_compile import precompile
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class CudaGraphRunner:
                 gc.enable()
 
     def _capture_sizes(self, graph_cls) -> None:
+        batches = [self._static_batch(bs) for bs in self.bs_list]
+        precompile([lambda b=b: self.model_runner.forward_eager(b) for b in batches], self.model_runner.device,
+                   "decode batch sizes")  # fmt: skip
         pool = None
         # Largest first, so the smaller graphs fit in the memory pool the largest one reserved.
         for bs in tqdm(self.bs_list[::-1], desc="Capturing CUDA graphs", disable=len(self.bs_list) < 2):

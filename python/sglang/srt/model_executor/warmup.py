@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.model_executor.parallel_compile import precompile
 
 logger = logging.getLogger(__name__)
 
@@ -42,34 +43,41 @@ def warmup_token_budget(runner, max_prefill_tokens: int) -> int:
 @torch.no_grad()
 def warmup_prefill(runner, max_tokens: int, min_tokens: int = MIN_WARMUP_TOKENS) -> None:
     """One single-request prefill of each size in `warmup_sizes` on `runner` (a ModelRunner): token
-    ids are arbitrary, the KV slots and the request row come from the pools and go back to them."""
+    ids are arbitrary, the KV slots and the request row come from the pools and go back to them.
+    Their Triton kernels are compiled in parallel first (parallel_compile)."""
     pool = runner.req_to_token_pool
     row = pool.alloc()
     if row is None:
         raise RuntimeError("no request row free for the prefill warm-up")
-    dev = runner.device
-    vocab = runner.model_config.vocab_size
+    sizes = warmup_sizes(max_tokens, min_tokens)
     try:
-        for n in tqdm(warmup_sizes(max_tokens, min_tokens), desc="Warming up prefill kernels"):
-            slots = runner.token_to_kv_pool_allocator.alloc(n)
-            swa = runner.swa_allocator.alloc(n) if runner.swa_allocator is not None else None
-            pool.req_to_token[row, :n] = slots
-            if swa is not None:
-                pool.req_to_swa_token[row, :n] = swa
-            positions = torch.arange(n, device=dev)
-            lens = torch.tensor([n], device=dev)
-            batch = ForwardBatch(
-                forward_mode=ForwardMode.EXTEND, input_ids=(positions * 7919) % vocab, positions=positions,
-                req_pool_indices=torch.tensor([row], device=dev), seq_lens=lens, extend_seq_lens=lens,
-                out_cache_loc=slots, swa_out_cache_loc=swa, seq_lens_cpu=[n], extend_seq_lens_cpu=[n],
-            )  # fmt: skip
-            runner.forward_eager(batch)
-            # The host-side free lists may hand these slots out at once: later kernels that write
-            # them run after this forward on the same stream.
-            runner.token_to_kv_pool_allocator.free(slots)
-            if swa is not None:
-                runner.swa_allocator.free(swa)
+        precompile([lambda n=n: _prefill(runner, row, n) for n in sizes], runner.device, "prefill warm-up sizes")
+        for n in tqdm(sizes, desc="Warming up prefill kernels"):
+            _prefill(runner, row, n)
     finally:
         pool.free(row)
-    if torch.device(dev).type == "cuda":
+    if torch.device(runner.device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def _prefill(runner, row: int, n: int) -> None:
+    """Prefill n arbitrary tokens into request row `row`, on slots taken from the pools and given back."""
+    pool, dev = runner.req_to_token_pool, runner.device
+    slots = runner.token_to_kv_pool_allocator.alloc(n)
+    swa = runner.swa_allocator.alloc(n) if runner.swa_allocator is not None else None
+    pool.req_to_token[row, :n] = slots
+    if swa is not None:
+        pool.req_to_swa_token[row, :n] = swa
+    positions = torch.arange(n, device=dev)
+    lens = torch.tensor([n], device=dev)
+    batch = ForwardBatch(
+        forward_mode=ForwardMode.EXTEND, input_ids=(positions * 7919) % runner.model_config.vocab_size,
+        positions=positions, req_pool_indices=torch.tensor([row], device=dev), seq_lens=lens,
+        extend_seq_lens=lens, out_cache_loc=slots, swa_out_cache_loc=swa, seq_lens_cpu=[n], extend_seq_lens_cpu=[n],
+    )  # fmt: skip
+    runner.forward_eager(batch)
+    # The host-side free lists may hand these slots out at once: later kernels that write them run
+    # after this forward on the same stream.
+    runner.token_to_kv_pool_allocator.free(slots)
+    if swa is not None:
+        runner.swa_allocator.free(swa)
