@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from sglang import bench_serving
+from sglang.benchmark import backends as client
 from sglang.benchmark.backends import (
     RequestInput,
     RequestOutput,
@@ -152,6 +154,33 @@ def test_sse_parser_handles_arbitrary_chunking():
         assert got + parser.flush() == expected
     parser = SSEParser()  # last event without its trailing newline
     assert parser.feed(b'data: {"x": 1}') == [] and parser.flush() == ['{"x": 1}']
+
+
+class _Chunks:
+    """Stands in for an aiohttp response body: one network chunk per SSE event."""
+
+    def __init__(self, events: list[dict]):
+        self.content = self
+        self.raw = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+    async def iter_any(self):
+        for chunk in self.raw:
+            await asyncio.sleep(0.01)
+            yield chunk
+
+
+@pytest.mark.parametrize("texts", [["", "", ""], ["", "a", "b"]])
+def test_openai_stream_ttft_is_the_first_token_even_without_text(texts):
+    """A token whose text is still empty (part of a multi-byte character, a special token) arrives
+    all the same: TTFT never reads 0, whether text shows up later or never."""
+    events = [{"choices": [{"text": t, "finish_reason": None}]} for t in texts]
+    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": len(texts)}})
+    out = RequestOutput()
+    start = time.perf_counter()
+    asyncio.run(client._read_stream(client.BACKENDS["sglang-oai"], _Chunks(events), out, start))
+    assert 0.005 < out.ttft <= out.latency and out.output_len == len(texts)
+    if texts[1]:
+        assert 0.015 < out.ttft  # the first text came with the second event
 
 
 def _input(**kw) -> RequestInput:

@@ -153,8 +153,11 @@ class _Timeline:
     out: RequestOutput
     start: float
     last: float | None = None
+    first_event: float | None = None  # the first event that carried a token or a choice, text or not
 
     def tokens(self, now: float, n: int) -> None:
+        if self.first_event is None:
+            self.first_event = now
         if n <= 0:
             return
         if self.last is None:
@@ -285,6 +288,10 @@ async def _read_stream(backend: Backend, response, out: RequestOutput, start: fl
             raise StreamError(_error_message(data))
         backend.on_event(out, tl, now, data)
     out.latency = time.perf_counter() - start
+    if tl.last is None and tl.first_event is not None:
+        # Tokens came but none showed as text (e.g. pieces of one multi-byte character, or special
+        # tokens): the first token still arrived with the first choice, not at time zero.
+        out.ttft = tl.first_event - start
 
 
 async def send_request(session: aiohttp.ClientSession, backend: Backend, inp: RequestInput) -> RequestOutput:
