@@ -520,5 +520,20 @@ def test_config_lookup_has_a_default():
     assert cfg.block_m in (16, 32, 64, 128)
 
 
+@pytest.mark.parametrize("card", ["H100", "H200"])
+def test_tuned_tables_cover_both_hopper_cards(card, monkeypatch):
+    """Both cards have measured tables for the 26B-A4B experts in both formats: every bucket is
+    found there, not in the shape-agnostic default (which at 1024 NVFP4 tokens would take 128-row
+    swapped tiles; both sweeps chose 32-row blocks)."""
+    from sglang.srt.layers.moe.fused_moe_triton import configs
+
+    monkeypatch.setattr(configs, "device_key", lambda: card)
+    for fmt in ("nvfp4", "bf16"):
+        table = configs.TUNED_MOE_CONFIGS[(card, fmt, 128, 2816, 704, 8)]
+        for m in (1, 16, 256, 1024, 8192):
+            assert get_moe_config(m, 128, 2816, 704, 8, fmt) == next(c for max_m, c in table if m <= max_m)
+    assert get_moe_config(1024, 128, 2816, 704, 8, "nvfp4").block_m == 32
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
     _compile_split_k_for_sm90()

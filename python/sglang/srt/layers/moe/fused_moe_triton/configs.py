@@ -95,7 +95,9 @@ def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeT
 # 2026-11-28 at M = 1, 4, 16, 64, 256, 1024, 4096, 8192 (each bucket reaches halfway to the next).
 # NVFP4 from FP4_DEQUANT_MIN_TOKENS (4096) on runs the bf16 kernels on expanded experts (bf16 rows);
 # its rows here are the in-loop decode's best, used only if that threshold is raised.
-# No H100 sweep was run: H100 uses default_moe_config.
+# H100 (80GB HBM3): the same sweep on 2026-12-07 at M = 16, 64, 256, 1024 (NVFP4) and 16 ... 8192
+# (bf16); rows of buckets it did not reach (M <= 8, where the per-pair GEMV path runs by default, and
+# NVFP4 from 4096 on, which runs the bf16 rows) are the H200 ones.
 # Tiles are (block_n, block_k, num_warps, num_stages, swap_ab[, split_k]). The split-K sweep (M = 1, 4,
 # 16, 64; 2026-11-28) won only at M = 1; from M = 4 on the unsplit tile was fastest.
 TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
@@ -118,6 +120,26 @@ TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, Moe
         (2048, 64, (128, 64, 4, 4, 0), (128, 64, 4, 4, 0)),
         (6144, 128, (128, 64, 8, 4, 1), (256, 64, 8, 3, 0)),
         (1 << 30, 128, (128, 64, 8, 3, 0), (256, 64, 8, 3, 0)),
+    ]),
+    ("H100", "nvfp4", 128, 2816, 704, 8): _bucketed([
+        (2, 16, (64, 64, 4, 4, 0, 4), (64, 64, 4, 4, 0)),
+        (8, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (32, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),  # 142.4 us at M=16
+        (128, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),  # 211.2 us at 64
+        (512, 32, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),  # 280.2 us at 256
+        (2048, 32, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),  # 649.1 us at 1024 (default_moe_config: 128, swapped)
+        (6144, 128, (64, 64, 4, 4, 1), (64, 64, 4, 3, 1)),
+        (1 << 30, 128, (64, 64, 4, 4, 1), (64, 64, 4, 3, 1)),
+    ]),
+    ("H100", "bf16", 128, 2816, 704, 8): _bucketed([
+        (2, 16, (64, 128, 4, 4, 1), (64, 128, 4, 4, 0)),
+        (8, 16, (32, 128, 4, 4, 0), (64, 128, 4, 4, 0)),
+        (32, 16, (64, 128, 4, 4, 1), (64, 128, 4, 4, 0)),  # 332.9 us at M=16
+        (128, 16, (64, 128, 4, 4, 1), (64, 128, 4, 4, 0)),  # 499.1 us at 64
+        (512, 32, (64, 128, 4, 4, 1), (64, 128, 4, 4, 0)),  # 536.4 us at 256
+        (2048, 64, (64, 128, 4, 4, 1), (128, 64, 4, 4, 0)),  # 588.7 us at 1024
+        (6144, 128, (128, 64, 8, 4, 1), (256, 64, 8, 3, 0)),  # 963.4 us at 4096
+        (1 << 30, 128, (128, 64, 8, 4, 1), (256, 64, 8, 3, 0)),  # 1655.1 us at 8192
     ]),
 }  # fmt: skip
 

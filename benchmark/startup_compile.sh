@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Start-up time with Triton's cache empty, kernels compiled one at a time vs in parallel
+# (model_executor/parallel_compile.py): two server starts on the same machine, each on its own empty
+# TRITON_CACHE_DIR, serial first (so it also pays the cold OS file cache). Prints the seconds to
+# /health and the scheduler's phase lines. Carry the serving wheels as for gpu_serving.sh.
+#   bash benchmark/startup_compile.sh [extra launch_server flags]
+set -uo pipefail
+OUT=${OUT:-.}
+MODEL=${MODEL:-nvidia/Gemma-4-26B-A4B-NVFP4}
+PORT=${PORT:-30001}
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/python PYTHONUNBUFFERED=1
+
+FLAGS=("$@")
+start() {  # name, one environment assignment for the server
+  local name=$1 t
+  t=$(date +%s)
+  env TRITON_CACHE_DIR="$(mktemp -d)" "$2" python3 -m sglang.launch_server --model-path "$MODEL" \
+    --load-format dummy --port "$PORT" "${FLAGS[@]}" >"$OUT/server_$name.log" 2>&1 &
+  local server=$!
+  python3 - "$PORT" <<'PY'
+import sys, time, urllib.request
+for _ in range(300):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
+        sys.exit(0)
+    except Exception:
+        time.sleep(1)
+sys.exit("server did not become healthy in 300 s")
+PY
+  echo "$name: ready after $(( $(date +%s) - t )) s"
+  head -1 "$OUT/server_$name.log" | cut -c1-30 | sed 's/^/  first log line: /'
+  tr '\r' '\n' <"$OUT/server_$name.log" | grep -E "KV cache \(|compiled the Triton|captured CUDA|Warming up prefill kernels: 100%" | cut -c1-150 | sed 's/^/  /'
+  kill $server
+  wait $server 2>/dev/null
+}
+start serial SGLANG_DISABLE_PARALLEL_COMPILE=1
+start parallel SGLANG_DISABLE_PARALLEL_COMPILE=0
