@@ -16,16 +16,7 @@ start=$(date +%s)
 python3 -m sglang.launch_server --model-path "$MODEL" --load-format dummy --port "$PORT" "$@" >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
-python3 - "$PORT" <<'PY'
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
-        sys.exit(0)
-    except Exception:
-        time.sleep(1)
-sys.exit("server did not become healthy in 300 s")
-PY
+python3 benchmark/wait_healthy.py "$PORT"
 echo "server ready after $(( $(date +%s) - start )) s"
 
 bench() {

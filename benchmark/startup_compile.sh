@@ -20,16 +20,7 @@ start() {  # name, one environment assignment for the server
   env TRITON_CACHE_DIR="$(mktemp -d)" "$2" python3 -m sglang.launch_server --model-path "$MODEL" \
     --load-format dummy --port "$PORT" "${FLAGS[@]}" >"$OUT/server_$name.log" 2>&1 &
   local server=$!
-  python3 - "$PORT" <<'PY'
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
-        sys.exit(0)
-    except Exception:
-        time.sleep(1)
-sys.exit("server did not become healthy in 300 s")
-PY
+  python3 benchmark/wait_healthy.py "$PORT"
   echo "$name: ready after $(( $(date +%s) - t )) s"
   head -1 "$OUT/server_$name.log" | cut -c1-30 | sed 's/^/  first log line: /'
   tr '\r' '\n' <"$OUT/server_$name.log" | grep -E "KV cache \(|compiled the Triton|captured CUDA|Warming up prefill kernels: 100%" | cut -c1-150 | sed 's/^/  /'
