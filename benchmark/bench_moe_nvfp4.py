@@ -76,7 +76,8 @@ GEMV1_TILES = {
 }
 GEMV2_TILES = {
     "bf16": [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4, 8) for s in (1, 3)],
-    "nvfp4": [(bn, bk, w, 1) for bn in (8, 16, 32) for bk in (64, 128, 256, 512, 1024) for w in (1, 2, 4, 8)],
+    # K = 704: a 1024-wide step would be narrowed to 512 (moe_gemv._launch), a duplicate.
+    "nvfp4": [(bn, bk, w, 1) for bn in (8, 16, 32) for bk in (64, 128, 256, 512) for w in (1, 2, 4, 8)],
 }
 
 

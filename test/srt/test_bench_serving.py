@@ -169,18 +169,28 @@ class _Chunks:
             yield chunk
 
 
-@pytest.mark.parametrize("texts", [["", "", ""], ["", "a", "b"]])
-def test_openai_stream_ttft_is_the_first_token_even_without_text(texts):
-    """A token whose text is still empty (part of a multi-byte character, a special token) arrives
-    all the same: TTFT never reads 0, whether text shows up later or never."""
-    events = [{"choices": [{"text": t, "finish_reason": None}]} for t in texts]
-    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": len(texts)}})
+def _openai_events(backend: str, texts: list[str]) -> list[dict]:
+    """A streamed answer as our server sends it: chat opens with a role-only chunk; one chunk per
+    text piece; the finish; the usage."""
+    piece = (lambda t: {"delta": {"content": t}}) if backend == "sglang-oai-chat" else (lambda t: {"text": t})
+    events = [{"choices": [{"delta": {"role": "assistant", "content": ""}}]}] if backend == "sglang-oai-chat" else []
+    events += [{"choices": [{**piece(t), "finish_reason": None}]} for t in texts]
+    events.append({"choices": [{**piece(""), "finish_reason": "length"}]})
+    events.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}})
+    return events
+
+
+@pytest.mark.parametrize("backend", ["sglang-oai", "sglang-oai-chat"])
+@pytest.mark.parametrize("texts", [[], ["a", "b"]])
+def test_openai_stream_ttft_never_reads_zero(backend, texts):
+    """Tokens whose text is still empty (pieces of a multi-byte character, special tokens) send no
+    chunk of their own: TTFT is the first text, or without any the finish, never 0 and never the
+    chat stream's opening role chunk (sent before the prefill)."""
     out = RequestOutput()
     start = time.perf_counter()
-    asyncio.run(client._read_stream(client.BACKENDS["sglang-oai"], _Chunks(events), out, start))
-    assert 0.005 < out.ttft <= out.latency and out.output_len == len(texts)
-    if texts[1]:
-        assert 0.015 < out.ttft  # the first text came with the second event
+    asyncio.run(client._read_stream(client.BACKENDS[backend], _Chunks(_openai_events(backend, texts)), out, start))
+    first_real_event = 2 if backend == "sglang-oai-chat" else 1  # 10 ms apart
+    assert 0.01 * first_real_event - 0.002 < out.ttft <= out.latency and out.output_len == 3
 
 
 def _input(**kw) -> RequestInput:

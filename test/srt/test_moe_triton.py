@@ -291,6 +291,11 @@ def test_nvfp4_bf16_expansion_path(monkeypatch):
     assert rel_err(run_triton(layer, x, topk, "nvfp4", cfg), ref) <= TOL
     monkeypatch.setattr(fused_moe, "FP4_DEQUANT_MIN_TOKENS", 1)
     assert rel_err(run_triton(layer, x, topk, "nvfp4", cfg), ref) <= TOL
+    # Without a given config the expanded experts take the bf16 table's tiles (bf16 kernels run).
+    asked = []
+    monkeypatch.setattr(fused_moe, "get_moe_gemv_config", lambda *a: None)
+    monkeypatch.setattr(fused_moe, "get_moe_config", lambda *a: asked.append(a[-1]) or _TINY_CFG)
+    assert rel_err(run_triton(layer, x, topk, "nvfp4"), ref) <= TOL and asked == ["bf16"]
 
 
 def _prepare(layer):

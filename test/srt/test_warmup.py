@@ -46,3 +46,21 @@ def test_warmup_leaves_pools_and_outputs_unchanged(runner):
     assert (runner.swa_allocator.available_size() if runner.swa_allocator is not None else None) == swa_free
     assert runner.req_to_token_pool.available_size() == rows
     assert greedy_generate(runner, prompts, 6) == before
+
+
+def test_a_failing_warmup_prefill_gives_its_slots_back(runner, monkeypatch):
+    """A prefill that raises (e.g. a dry pass of parallel_compile, whose errors start-up survives)
+    still returns its KV slots and request row: none may stay taken while the server is idle."""
+    free = runner.token_to_kv_pool_allocator.available_size()
+    swa_free = runner.swa_allocator.available_size() if runner.swa_allocator is not None else None
+    rows = runner.req_to_token_pool.available_size()
+
+    def fail(batch):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(runner, "forward_eager", fail)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        warmup_prefill(runner, 32, min_tokens=16)
+    assert runner.token_to_kv_pool_allocator.available_size() == free
+    assert (runner.swa_allocator.available_size() if runner.swa_allocator is not None else None) == swa_free
+    assert runner.req_to_token_pool.available_size() == rows

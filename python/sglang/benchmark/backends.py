@@ -224,7 +224,8 @@ def _chat_event(out: RequestOutput, tl: _Timeline, now: float, data: dict) -> No
         delta = choices[0].get("delta") or {}
         text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
         out.generated_text += text
-        tl.tokens(now, 1 if text else 0)
+        if text or choices[0].get("finish_reason"):  # not the role-only chunk that opens the stream
+            tl.tokens(now, 1 if text else 0)
         out.finish_reason = choices[0].get("finish_reason") or out.finish_reason
     _usage(out, data.get("usage"))
 
@@ -289,8 +290,9 @@ async def _read_stream(backend: Backend, response, out: RequestOutput, start: fl
         backend.on_event(out, tl, now, data)
     out.latency = time.perf_counter() - start
     if tl.last is None and tl.first_event is not None:
-        # Tokens came but none showed as text (e.g. pieces of one multi-byte character, or special
-        # tokens): the first token still arrived with the first choice, not at time zero.
+        # Tokens came but none showed as text (pieces of one multi-byte character, special tokens):
+        # the first thing seen of them is the first event after the stream's opening, often the
+        # finish; it is no earlier than the first token, and TTFT must not read 0.
         out.ttft = tl.first_event - start
 
 

@@ -90,14 +90,19 @@ class ModelRunner:
         args = self.server_args
         if not self.device.startswith("cuda") or getattr(args, "disable_cuda_graph", False):
             return None
-        # The reference backends look at host-side lengths and expert lists, which a graph would freeze.
-        if self.moe_runner_backend == "torch" or isinstance(self.attn_backend, TorchNativeAttnBackend):
+        if self.reads_device_values_on_host:
             logger.info("CUDA graphs off: the torch reference MoE runner / attention backend cannot be captured")
             return None
         from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 
         max_bs = min(getattr(args, "cuda_graph_max_bs", None) or 160, self.max_running_requests)
         return CudaGraphRunner(self, max_bs)
+
+    @property
+    def reads_device_values_on_host(self) -> bool:
+        """The reference backends look at host-side lengths and expert lists: a CUDA graph would
+        freeze them, and a dry pass (parallel_compile) would hand them garbage."""
+        return self.moe_runner_backend == "torch" or isinstance(self.attn_backend, TorchNativeAttnBackend)
 
     def _kv_dtype(self) -> torch.dtype:
         # The fp8 cache is a GPU feature (ServerArgs refuses fp8_e4m3 on CPU), so 'auto' ignores the

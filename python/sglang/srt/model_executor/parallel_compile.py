@@ -9,8 +9,10 @@ compiled in 5.9 s there), waits for all of them, and only then lets the caller r
 real, each kernel now found in its in-memory cache.
 
 During those dry passes no Triton kernel runs; the torch ops between them do, on whatever the
-skipped kernels' output buffers held. That is harmless for the model's forward passes: their host
-side reads no device values and no torch op there indexes with a Triton kernel's output.
+skipped kernels' output buffers held. That is harmless for the model's forward passes on the
+graph-capturable backends (triton MoE and attention): their host side reads no device values and no
+torch op there indexes with a Triton kernel's output. The torch reference backends do both, so
+callers skip the dry passes there (`ModelRunner.reads_device_values_on_host`).
 SGLANG_DISABLE_PARALLEL_COMPILE=1 turns it off (the passes then compile as they go).
 """
 
@@ -79,6 +81,6 @@ def precompile(passes: Iterable[Callable[[], object]], device: str | torch.devic
                 run_pass()
         torch.cuda.synchronize()
     except Exception as exc:  # the real passes compile whatever is missing, and report real errors
-        logger.warning("parallel compilation of the Triton kernels of %s stopped: %r", what, exc)
+        logger.warning("parallel compilation of the Triton kernels of %s stopped: %r", what, exc, exc_info=True)
         return
     logger.info("compiled the Triton kernels of %s in %.1f s", what, time.perf_counter() - start)

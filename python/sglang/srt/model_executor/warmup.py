@@ -44,14 +44,16 @@ def warmup_token_budget(runner, max_prefill_tokens: int) -> int:
 def warmup_prefill(runner, max_tokens: int, min_tokens: int = MIN_WARMUP_TOKENS) -> None:
     """One single-request prefill of each size in `warmup_sizes` on `runner` (a ModelRunner): token
     ids are arbitrary, the KV slots and the request row come from the pools and go back to them.
-    Their Triton kernels are compiled in parallel first (parallel_compile)."""
+    Their Triton kernels are compiled in parallel first (parallel_compile) where the backends
+    allow a dry pass."""
     pool = runner.req_to_token_pool
     row = pool.alloc()
     if row is None:
         raise RuntimeError("no request row free for the prefill warm-up")
     sizes = warmup_sizes(max_tokens, min_tokens)
     try:
-        precompile([lambda n=n: _prefill(runner, row, n) for n in sizes], runner.device, "prefill warm-up sizes")
+        if not runner.reads_device_values_on_host:
+            precompile([lambda n=n: _prefill(runner, row, n) for n in sizes], runner.device, "prefill warm-up sizes")
         for n in tqdm(sizes, desc="Warming up prefill kernels"):
             _prefill(runner, row, n)
     finally:
@@ -75,9 +77,11 @@ def _prefill(runner, row: int, n: int) -> None:
         positions=positions, req_pool_indices=torch.tensor([row], device=dev), seq_lens=lens,
         extend_seq_lens=lens, out_cache_loc=slots, swa_out_cache_loc=swa, seq_lens_cpu=[n], extend_seq_lens_cpu=[n],
     )  # fmt: skip
-    runner.forward_eager(batch)
-    # The host-side free lists may hand these slots out at once: later kernels that write them run
-    # after this forward on the same stream.
-    runner.token_to_kv_pool_allocator.free(slots)
-    if swa is not None:
-        runner.swa_allocator.free(swa)
+    try:
+        runner.forward_eager(batch)
+    finally:
+        # The host-side free lists may hand these slots out at once: later kernels that write them
+        # run after this forward on the same stream.
+        runner.token_to_kv_pool_allocator.free(slots)
+        if swa is not None:
+            runner.swa_allocator.free(swa)

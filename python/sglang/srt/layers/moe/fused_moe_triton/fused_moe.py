@@ -319,6 +319,7 @@ def fused_experts(
     else:
         if w.is_fp4 and num_tokens >= FP4_DEQUANT_MIN_TOKENS:
             w = dequantize_fp4_experts(w, x.shape[1])
+            fmt = "bf16"  # the bf16 kernels run from here on, so their tuned tiles apply
         if config is None:
             config = get_moe_config(num_tokens, w.num_experts, w.hidden, w.inter, top_k, fmt)
         aligned = moe_align(topk_ids, w.num_experts, config.block_m)
