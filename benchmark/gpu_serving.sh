@@ -1,16 +1,9 @@
 #!/usr/bin/env bash
 # Issue 7's end-to-end workloads on the GPU host: serve the real 26B-A4B config with dummy weights
-# and run bench_serving at concurrency 1 and 64. The GPU image lacks the serving stack, so carry its
-# wheels: `../shared/tools/offline-wheels.sh .whl` here, then name `.whl` in the run's carry list.
+# and run bench_serving at concurrency 1 and 64 (carry the serving wheels: benchmark/serving_env.sh).
 #   bash benchmark/gpu_serving.sh [extra launch_server flags]     (results appended to $OUT)
 set -euo pipefail
-OUT=${OUT:-.}
-MODEL=${MODEL:-nvidia/Gemma-4-26B-A4B-NVFP4}
-PORT=${PORT:-30000}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/python PYTHONUNBUFFERED=1
+source benchmark/serving_env.sh
 
 start=$(date +%s)
 python3 -m sglang.launch_server --model-path "$MODEL" --load-format dummy --port "$PORT" "$@" >"$OUT/server.log" 2>&1 &

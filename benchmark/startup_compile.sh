@@ -2,16 +2,10 @@
 # Start-up time with Triton's cache empty, kernels compiled one at a time vs in parallel
 # (model_executor/parallel_compile.py): two server starts on the same machine, each on its own empty
 # TRITON_CACHE_DIR, serial first (so it also pays the cold OS file cache). Prints the seconds to
-# /health and the scheduler's phase lines. Carry the serving wheels as for gpu_serving.sh.
+# /health and the scheduler's phase lines (carry the serving wheels: benchmark/serving_env.sh).
 #   bash benchmark/startup_compile.sh [extra launch_server flags]
 set -uo pipefail
-OUT=${OUT:-.}
-MODEL=${MODEL:-nvidia/Gemma-4-26B-A4B-NVFP4}
-PORT=${PORT:-30001}
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD/python PYTHONUNBUFFERED=1
+source benchmark/serving_env.sh
 
 FLAGS=("$@")
 start() {  # name, one environment assignment for the server
