@@ -102,13 +102,13 @@ class CudaGraphRunner:
                 gc.enable()
 
     def _capture_sizes(self, graph_cls) -> None:
-        batches = [self._static_batch(bs) for bs in self.bs_list]
-        precompile([lambda b=b: self.model_runner.forward_eager(b) for b in batches], self.model_runner.device,
+        batches = {bs: self._static_batch(bs) for bs in self.bs_list}
+        precompile([lambda b=b: self.model_runner.forward_eager(b) for b in batches.values()], self.model_runner.device,
                    "decode batch sizes")  # fmt: skip
         pool = None
         # Largest first, so the smaller graphs fit in the memory pool the largest one reserved.
         for bs in tqdm(self.bs_list[::-1], desc="Capturing CUDA graphs", disable=len(self.bs_list) < 2):
-            batch = self._static_batch(bs)
+            batch = batches[bs]
             for _ in range(2):  # compile Triton kernels and settle allocations outside the capture
                 self.model_runner.forward_eager(batch)
             graph = graph_cls(pool)
