@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -56,6 +57,25 @@ LARGE_TILES = {
         (256, 64, 8, 3, 0), (64, 64, 8, 3, 0), (128, 128, 8, 3, 0), (64, 128, 8, 3, 0),
     ],
 }  # fmt: skip
+
+
+# Tile groups (group_n: neighbouring N tiles one program computes in one loop), tried on the tiles the
+# sweeps favoured: tuples as above plus (split_k, group_n). GEMM2's N = H = 2816 is 44 tiles of 64.
+GROUP_TILES = {
+    ("nvfp4", "g1", False): [(64, 64, 4, 4, 0, 1, g) for g in (2, 3)] + [(64, 64, 4, 6, 0, 1, 2)],
+    ("nvfp4", "g2", False): [(64, 64, 4, 4, 0, 1, g) for g in (2, 4, 11)] + [(64, 64, 4, 6, 0, 1, g) for g in (2, 4)]
+    + [(128, 64, 8, 4, 0, 1, 2), (32, 64, 4, 4, 0, 1, 4)],
+    ("nvfp4", "g1", True): [(64, 64, 4, 4, 1, 1, 2), (64, 64, 4, 3, 1, 1, 2)],
+    ("nvfp4", "g2", True): [(64, 64, 4, 3, 1, 1, g) for g in (2, 4)] + [(64, 64, 4, 4, 1, 1, 2)],
+    # bf16 from 64 tokens a block (prefill, and NVFP4 experts expanded to bf16): GEMM2 is 11 steps too.
+    ("bf16", "g1", True): [(128, 64, 8, 4, 1, 1, 2), (128, 64, 8, 3, 0, 1, 2)],
+    ("bf16", "g2", True): [(256, 64, 8, 3, 0, 1, g) for g in (2, 11)] + [(128, 64, 8, 4, 0, 1, g) for g in (2, 4)],
+}
+
+
+def group_tiles_for(fmt: str, gemm: str, block_m: int) -> list[tuple]:
+    """bf16 below 64-row blocks has none: those tiles already run near the copy rate."""
+    return GROUP_TILES.get((fmt, gemm, block_m > 32), [])
 
 
 # GEMM1 split-K (slices of K per output tile) tried with every tile up to this many tokens, where
@@ -99,7 +119,11 @@ def tiles_for(fmt: str, block_m: int) -> list[tuple]:
 def gemm1_tiles_for(fmt: str, block_m: int, m: int) -> list[tuple]:
     """GEMM1 candidates: the tiles, each with every split-K count at small M (6-tuples, as `tile`)."""
     splits = SPLIT_KS if m <= SPLIT_K_MAX_M else (1,)
-    return [t + (s,) for t in tiles_for(fmt, block_m) for s in splits]
+    return [t + (s,) for t in tiles_for(fmt, block_m) for s in splits] + group_tiles_for(fmt, "g1", block_m)
+
+
+def gemm2_tiles_for(fmt: str, block_m: int) -> list[tuple]:
+    return tiles_for(fmt, block_m) + group_tiles_for(fmt, "g2", block_m)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -238,7 +262,7 @@ def _jobs(formats: list[str], m_list: list[int], grouped: bool = True) -> list[t
             for bm in block_m_candidates(m) if grouped else ():
                 jobs.append((fmt, m, bm, "align", None))
                 jobs += [(fmt, m, bm, "g1", t) for t in gemm1_tiles_for(fmt, bm, m)]
-                jobs += [(fmt, m, bm, "g2", t) for t in tiles_for(fmt, bm)]
+                jobs += [(fmt, m, bm, "g2", t) for t in gemm2_tiles_for(fmt, bm)]
             if m <= GEMV_MAX_M:
                 jobs += [(fmt, m, 0, "v1", t) for t in GEMV1_TILES[fmt]] + [(fmt, m, 0, "v2", t) for t in GEMV2_TILES[fmt]]
     # One variant's jobs for the different M next to each other: they tend to land in one worker's
@@ -355,12 +379,12 @@ def tune_point(fmt: str, w, m: int, routings) -> tuple[dict, dict]:
         g1 = time_tiles(gemm1_tiles_for(fmt, bm, m), lambda t: [
             lambda x=x, a=a: fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t)) for (x, _), a in zip(routings, aligned)])  # fmt: skip
         t1 = min(g1, key=g1.get)
-        unsplit = min((t for t in g1 if t[5] == 1), key=g1.get)
+        unsplit = min((t for t in g1 if t[5:] in ((1,), (1, 1))), key=g1.get)
         print(f"{fmt} M={m} block_m={bm}: gemm1 best {t1} {g1[t1] * 1e6:.1f} us, best unsplit {unsplit} "
               f"{g1[unsplit] * 1e6:.1f} us", flush=True)  # fmt: skip
         hs = [fm.moe_gemm1(x, w, a, TOP_K, ACT, tile(*t1)) for (x, _), a in zip(routings, aligned)]
         outs = [torch.empty(m * TOP_K, H, dtype=torch.bfloat16, device="cuda") for _ in routings]
-        g2 = time_tiles(tiles_for(fmt, bm), lambda t: [
+        g2 = time_tiles(gemm2_tiles_for(fmt, bm), lambda t: [
             lambda h=h, a=a, r=r, o=o: fm.moe_gemm2(h, w, a, r.topk_weights, o, tile(*t))
             for h, a, (_, r), o in zip(hs, aligned, routings, outs)])  # fmt: skip
         t2 = min(g2, key=g2.get)
@@ -506,9 +530,33 @@ def main() -> None:
         torch.cuda.empty_cache()
     results["tuned"] = tuned
     os.makedirs(args.out, exist_ok=True)
+    if tuned:
+        path = os.path.join(args.out, "moe_configs.json")
+        with open(path, "w") as f:
+            json.dump(config_file_entries(tuned, device_key()), f, indent=1)
+        print(f"tuned tables: {path} (serve with SGLANG_MOE_CONFIG_FILE={path})")
     with open(os.path.join(args.out, "bench_moe_nvfp4.json"), "w") as f:
         json.dump(results, f, indent=1)
     print_table(results)
+
+
+def config_file_entries(tuned: dict, device: str) -> list[dict]:
+    """The sweep's winners as SGLANG_MOE_CONFIG_FILE entries (configs.read_config_file). Each tuned M
+    gets the bucket of the built-in table that holds it (so its row replaces that one), or, for a
+    card or shape without a table, a bucket up to the geometric middle of it and the next tuned M."""
+    from sglang.srt.layers.moe.fused_moe_triton.configs import TUNED_MOE_CONFIGS
+
+    entries = []
+    for fmt, points in tuned.items():
+        builtin = [b for b, _ in TUNED_MOE_CONFIGS.get((device, fmt, E, H, I, TOP_K), [])]
+        ms = sorted(m for m, _ in points)
+        rows = []
+        for m, best in sorted(points, key=lambda p: p[0]):
+            later = [n for n in ms if n > m]
+            bound = next((b for b in builtin if b >= m), None) or (math.isqrt(m * later[0]) if later else 1 << 30)
+            rows.append([bound, best["block_m"], list(best["gemm1"]), list(best["gemm2"])])
+        entries.append({"device": device, "format": fmt, "shape": [E, H, I, TOP_K], "rows": rows})
+    return entries
 
 
 def print_table(results: dict) -> None:

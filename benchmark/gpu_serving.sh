@@ -19,5 +19,8 @@ bench() {
 }
 bench --num-prompts 10 --max-concurrency 1
 bench --num-prompts 256 --max-concurrency 64
+# The command as written: SGLang's default --random-range-ratio 0 draws each length from [1, len].
+bench --num-prompts 10 --max-concurrency 1 --random-range-ratio 0
+bench --num-prompts 256 --max-concurrency 64 --random-range-ratio 0
 # TTFT of a lone 1000-token prompt.
 bench --num-prompts 5 --max-concurrency 1 --random-output-len 1

@@ -7,8 +7,10 @@ kernels are imported) at tiny shapes; on a GPU host the same checks run at the r
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -196,6 +198,37 @@ def test_gemm1_split_k(case, swap, weight_format):
     assert rel_err(run_triton(layer, x, topk, weight_format, cfg), ref) <= TOL
 
 
+# Tiles a program computes in one loop (group_n), (hidden, inter, group): GEMM1 has 4 N tiles of 32
+# (I = 128) or 3 with a partial last one (I = 80); GEMM2 has 6 (H = 192), its K = 80 is no whole
+# number of 64-steps, so it falls back to one tile a program there; groups of 3 and 4 leave a short
+# last group.
+_GROUP_CASES = [(192, 128, 2), (192, 128, 4), (192, 80, 3)]
+
+
+@pytest.mark.parametrize("case", _GROUP_CASES)
+@pytest.mark.parametrize("swap", [0, 1])
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+def test_tile_groups(case, swap, weight_format):
+    hidden, inter, group = case
+    layer = make_moe_layer(5, hidden, inter, 2, weight_format)
+    x = torch.randn(6, hidden, device=DEV).bfloat16()
+    topk = make_routing(6, 5, 2, True)
+    cfg = MoeTileConfig(16, tile(32, 64, 4, 2, swap, 1, group), tile(32, 64, 4, 2, swap, 1, group))
+    ref = reference(layer, x, topk, weight_format)
+    _poison_allocator()
+    assert rel_err(run_triton(layer, x, topk, weight_format, cfg), ref) <= TOL
+
+
+def test_tile_group_needs_whole_k_steps():
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import tile_group
+
+    assert tile_group(tile(64, 64, 4, 4, 0, 1, 4), 704) == 4
+    assert tile_group(tile(64, 128, 4, 4, 0, 1, 4), 704) == 1  # 5.5 steps: the tail needs its own pass
+    assert tile_group(tile(64, 64, 4, 4, 0, 2, 4), 2816, slices=2) == 1
+    with pytest.raises(ValueError, match="group_n"):
+        tile_group(tile(64, 64, 4, 4, 0, 1, 0), 704)
+
+
 def test_gemm1_split_k_unfused_activation():
     """The benchmark's separate-activation variant through the split-K reduction: scaled gate | up."""
     from sglang.srt.layers.moe.fused_moe_triton import fused_moe as fm
@@ -242,13 +275,22 @@ def _compile_split_k_for_sm90() -> None:
         stride_ws_pair=i32,
     )  # fmt: skip
     for w_fp4, swap in ((True, False), (True, True), (False, False)):
-        consts = dict(BM=16, BN=64, BK=64 if w_fp4 else 128, W_FP4=w_fp4, ACT=0, SWAP_AB=swap, SPLIT_K=4, FUSE_ACT=True,
+        consts = dict(BM=16, BN=64, BK=64 if w_fp4 else 128, W_FP4=w_fp4, ACT=0, SWAP_AB=swap, SPLIT_K=4, GROUP_N=1, FUSE_ACT=True,
                       HAS_GS=w_fp4, PDL=True)  # fmt: skip
         compile_one(kernels.moe_gemm1_kernel, {**gemm1, "w_ptr": ptr if w_fp4 else "*bf16"}, consts, 4, 4)
     reduce = dict(ws_ptr="*fp32", gs_ptr="*fp32", h_ptr="*bf16", **rows, N=i32, stride_ws_split=i32,
                   stride_ws_pair=i32, stride_hm=i32)  # fmt: skip
     consts = dict(BM=16, BN=64, SPLIT_K=4, W_FP4=True, ACT=0, FUSE_ACT=True, HAS_GS=True, PDL=True)
     compile_one(kernels.moe_gemm1_reduce_kernel, reduce, consts, 4, 1)
+    # Tile groups: one loop over several N tiles, stores inside it (both GEMMs, FP4 at the real tiles).
+    consts = dict(BM=16, BN=64, BK=64, W_FP4=True, ACT=0, SWAP_AB=False, SPLIT_K=1, GROUP_N=2, FUSE_ACT=True,
+                  HAS_GS=True, PDL=True)  # fmt: skip
+    compile_one(kernels.moe_gemm1_kernel, gemm1, consts, 4, 4)
+    gemm2 = dict(h_ptr="*bf16", w_ptr=ptr, tbl_ptr="*u8", gs_ptr="*fp32", topk_w_ptr="*fp32", out_ptr="*bf16", **rows,
+                 N=i32, K=i32, stride_hm=i32, stride_we=i32, stride_wn=i32, stride_om=i32)  # fmt: skip
+    for swap in (False, True):
+        consts = dict(BM=16, BN=64, BK=64, W_FP4=True, SWAP_AB=swap, GROUP_N=4, HAS_GS=True, PDL=True)
+        compile_one(kernels.moe_gemm2_kernel, gemm2, consts, 4, 4)
 
     from sglang.srt.layers.moe.fused_moe_triton import moe_gemv
 
@@ -265,8 +307,8 @@ def _compile_split_k_for_sm90() -> None:
 
     # Ampere (sm_80): the FP4 decode's PTX must assemble there too (no PDL below sm_90).
     for swap in (False, True):
-        consts = dict(BM=16, BN=64, BK=64, W_FP4=True, ACT=0, SWAP_AB=swap, SPLIT_K=1, FUSE_ACT=True, HAS_GS=True,
-                      PDL=False)  # fmt: skip
+        consts = dict(BM=16, BN=64, BK=64, W_FP4=True, ACT=0, SWAP_AB=swap, SPLIT_K=1, GROUP_N=1, FUSE_ACT=True,
+                      HAS_GS=True, PDL=False)  # fmt: skip
         compile_for_sm90(kernels.moe_gemm1_kernel, gemm1, consts, arch=80, num_warps=4, num_stages=4)
     consts = dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=True, PDL=False)
     compile_for_sm90(moe_gemv.moe_gemv1_kernel, gemv1, consts, arch=80, num_warps=4, num_stages=1)
@@ -538,6 +580,53 @@ def test_tuned_tables_cover_both_hopper_cards(card, monkeypatch):
         for m in (1, 16, 256, 1024, 8192):
             assert get_moe_config(m, 128, 2816, 704, 8, fmt) == next(c for max_m, c in table if m <= max_m)
     assert get_moe_config(1024, 128, 2816, 704, 8, "nvfp4").block_m == 32
+
+
+def test_config_file_replaces_its_buckets(tmp_path, monkeypatch):
+    """SGLANG_MOE_CONFIG_FILE (what `bench_moe_nvfp4.py --tune` writes): its rows replace the built-in
+    rows of the same bucket, the other buckets stay, a new card or shape gets a table of its own."""
+    from sglang.srt.layers.moe.fused_moe_triton import configs
+
+    rows = [[128, 16, [64, 64, 4, 4, 0, 1, 2], [64, 64, 4, 4, 0, 1, 4]]]
+    entries = [{"device": "H200", "format": "nvfp4", "shape": [128, 2816, 704, 8], "rows": rows},
+               {"device": "L40S", "format": "bf16", "shape": [60, 96, 80, 2], "rows": [[1 << 30, 32] + rows[0][2:]]}]  # fmt: skip
+    path = tmp_path / "moe_configs.json"
+    path.write_text(json.dumps(entries))
+    monkeypatch.setenv("SGLANG_MOE_CONFIG_FILE", str(path))
+    configs._tuned_tables.cache_clear()
+    try:
+        monkeypatch.setattr(configs, "device_key", lambda: "H200")
+        cfg = get_moe_config(64, 128, 2816, 704, 8, "nvfp4")
+        assert (cfg.block_m, cfg.gemm1.group_n, cfg.gemm2.group_n) == (16, 2, 4)
+        builtin = dict(configs.TUNED_MOE_CONFIGS[("H200", "nvfp4", 128, 2816, 704, 8)])
+        assert get_moe_config(16, 128, 2816, 704, 8, "nvfp4") == builtin[32]
+        assert get_moe_config(256, 128, 2816, 704, 8, "nvfp4") == builtin[512]
+        monkeypatch.setattr(configs, "device_key", lambda: "L40S")
+        assert get_moe_config(7, 60, 96, 80, 2, "bf16").block_m == 32
+        path.write_text(json.dumps([{"device": "H200", "format": "nvfp4", "rows": rows}]))
+        configs._tuned_tables.cache_clear()
+        with pytest.raises(ValueError, match="moe_configs.json.*shape"):
+            get_moe_config(64, 128, 2816, 704, 8, "nvfp4")
+    finally:
+        configs._tuned_tables.cache_clear()
+
+
+def test_tuner_writes_a_config_file(tmp_path):
+    """bench_moe_nvfp4.py --tune's winners land in the built-in buckets holding each tuned M (the
+    H200 table), or in geometric-middle buckets for a card without one; the file reads back."""
+    from sglang.srt.layers.moe.fused_moe_triton import configs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmark"))
+    from bench_moe_nvfp4 import config_file_entries
+
+    best = {"block_m": 16, "gemm1": (64, 64, 4, 4, 0, 1, 1), "gemm2": (64, 64, 4, 4, 0, 1, 4)}
+    tuned = {"nvfp4": [(256, {**best, "block_m": 32}), (16, best), (64, best)]}
+    for device, bounds in (("H200", [32, 128, 512]), ("L40S", [32, 128, 1 << 30])):
+        path = tmp_path / f"{device}.json"
+        path.write_text(json.dumps(config_file_entries(tuned, device)))
+        rows = configs.read_config_file(str(path))[(device, "nvfp4", 128, 2816, 704, 8)]
+        assert [b for b, _ in rows] == bounds
+        assert rows[2][1].block_m == 32 and rows[0][1].gemm2.group_n == 4
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 
@@ -25,9 +26,13 @@ class GemmTile:
     # steps), summed by a second kernel (`fused_moe.moe_gemm1`). For few tokens, where one program
     # per tile leaves most SMs idle.
     split_k: int = 1
+    # Neighbouring N tiles one program computes in one loop (needs K a multiple of block_k and, for
+    # GEMM1, split_k 1; otherwise 1 is used): short programs (GEMM2's K = I is 11 steps of 64)
+    # then pay their set-up and pipeline fill once for several tiles.
+    group_n: int = 1
 
     def as_tuple(self) -> tuple:
-        return (self.block_n, self.block_k, self.num_warps, self.num_stages, int(self.swap_ab), self.split_k)
+        return (self.block_n, self.block_k, self.num_warps, self.num_stages, int(self.swap_ab), self.split_k, self.group_n)
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,11 @@ class MoeGemvConfig:
     gemm2: GemvTile
 
 
-def tile(block_n: int, block_k: int, num_warps: int, num_stages: int, swap_ab: int, split_k: int = 1) -> GemmTile:
-    """From the tables' tuples (block_n, block_k, num_warps, num_stages, swap_ab[, split_k])."""
-    return GemmTile(block_n, block_k, num_warps, num_stages, bool(swap_ab), split_k)
+def tile(
+    block_n: int, block_k: int, num_warps: int, num_stages: int, swap_ab: int, split_k: int = 1, group_n: int = 1
+) -> GemmTile:
+    """From the tables' tuples (block_n, block_k, num_warps, num_stages, swap_ab[, split_k[, group_n]])."""
+    return GemmTile(block_n, block_k, num_warps, num_stages, bool(swap_ab), split_k, group_n)
 
 
 def default_moe_config(num_tokens: int, num_experts: int, top_k: int, weight_format: str) -> MoeTileConfig:
@@ -170,10 +177,39 @@ def device_key() -> str:
     return name
 
 
+def read_config_file(path: str) -> dict[tuple, list[tuple[int, MoeTileConfig]]]:
+    """Tables in the form `bench_moe_nvfp4.py --tune` writes (moe_configs.json): a list of
+    {"device": "H200", "format": "nvfp4", "shape": [E, H, I, top_k], "rows": [[max_m, block_m, gemm1, gemm2], ...]}
+    with tiles as in TUNED_MOE_CONFIGS. Returns {table key: rows}."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+        tables = {}
+        for e in entries:
+            key = (e["device"], e["format"], *(int(v) for v in e["shape"]))
+            tables[key] = [(int(m), MoeTileConfig(int(bm), tile(*g1), tile(*g2))) for m, bm, g1, g2 in e["rows"]]
+        return tables
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"SGLANG_MOE_CONFIG_FILE {path!r}: {type(exc).__name__}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _tuned_tables() -> dict[tuple, list[tuple[int, MoeTileConfig]]]:
+    """TUNED_MOE_CONFIGS with the rows of SGLANG_MOE_CONFIG_FILE (if set) in place of the built-in
+    rows of the same bucket: a tuning run on another card or shape is used without editing code."""
+    tables = {k: list(v) for k, v in TUNED_MOE_CONFIGS.items()}
+    path = os.environ.get("SGLANG_MOE_CONFIG_FILE")
+    for key, rows in (read_config_file(path) if path else {}).items():
+        merged = dict(tables.get(key, []))
+        merged.update(rows)
+        tables[key] = sorted(merged.items())
+    return tables
+
+
 def get_moe_config(
     num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, weight_format: str
 ) -> MoeTileConfig:
-    table = TUNED_MOE_CONFIGS.get((device_key(), weight_format, num_experts, hidden, inter, top_k))
+    table = _tuned_tables().get((device_key(), weight_format, num_experts, hidden, inter, top_k))
     if table:
         for max_m, cfg in table:
             if num_tokens <= max_m:

@@ -203,6 +203,13 @@ def _launch_kwargs(t: GemmTile, w: ExpertWeights, block_m: int) -> dict:
                 **pdl_launch(w.w13.device))
 
 
+def tile_group(t: GemmTile, k: int, slices: int = 1) -> int:
+    """N tiles a program computes: t.group_n where the kernels support it (whole K steps, no split)."""
+    if t.group_n < 1:
+        raise ValueError(f"group_n must be >= 1, got {t.group_n}")
+    return t.group_n if k % t.block_k == 0 and slices == 1 else 1
+
+
 def gemm1_k_slices(hidden: int, t: GemmTile) -> tuple[int, int]:
     """(k_split, slices) for GEMM1's split-K: each slice covers whole block_k steps (so, for NVFP4,
     whole 64-K blocks, and its main loop needs no K mask), the last one also the K % block_k tail.
@@ -232,12 +239,13 @@ def moe_gemm1(
     # Unsplit, the kernel writes h directly and never touches the workspace argument.
     ws = h if slices == 1 else torch.empty(slices, num_pairs, 2 * inter, dtype=torch.float32, device=x.device)
     tiles = aligned.max_blocks * triton.cdiv(inter, t.block_n)
+    group = tile_group(t, hidden, slices)
     epilogue = dict(W_FP4=w.is_fp4, ACT=_ACTIVATIONS[activation], FUSE_ACT=fuse_act, HAS_GS=w.w13_scale_2 is not None)
-    moe_gemm1_kernel[(tiles * slices,)](
+    moe_gemm1_kernel[(aligned.max_blocks * triton.cdiv(inter, t.block_n * group) * slices,)](
         x, w.w13, scale_byte_table(x.device), gs, h, ws, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         num_pairs, top_k, inter, hidden, k_split,
         x.stride(0), w.w13.stride(0), w.w13.stride(1), h.stride(0), ws.stride(0), ws.stride(1),
-        BM=aligned.block_m, SPLIT_K=slices, **epilogue, **_launch_kwargs(t, w, aligned.block_m),
+        BM=aligned.block_m, SPLIT_K=slices, GROUP_N=group, **epilogue, **_launch_kwargs(t, w, aligned.block_m),
     )  # fmt: skip
     if slices > 1:
         moe_gemm1_reduce_kernel[(tiles,)](
@@ -265,12 +273,14 @@ def moe_gemm2(
     hidden, inter = w.hidden, w.inter
     gs = w.w2_scale_2 if w.w2_scale_2 is not None else w.w2
     topk_w = topk_weights.reshape(-1).float()
-    grid = (aligned.max_blocks * triton.cdiv(hidden, t.block_n),)
+    group = tile_group(t, inter)
+    grid = (aligned.max_blocks * triton.cdiv(hidden, t.block_n * group),)
     moe_gemm2_kernel[grid](
         h, w.w2, scale_byte_table(h.device), gs, topk_w, out, aligned.sorted_ids, aligned.block_expert, aligned.num_padded,
         topk_w.numel(), hidden, inter,
         h.stride(0), w.w2.stride(0), w.w2.stride(1), out.stride(0),
-        BM=aligned.block_m, W_FP4=w.is_fp4, HAS_GS=w.w2_scale_2 is not None, **_launch_kwargs(t, w, aligned.block_m),
+        BM=aligned.block_m, W_FP4=w.is_fp4, GROUP_N=group, HAS_GS=w.w2_scale_2 is not None,
+        **_launch_kwargs(t, w, aligned.block_m),
     )  # fmt: skip
     return out
 

@@ -191,6 +191,14 @@ def _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4: tl.constexp
 
 
 @triton.jit
+def _later_tile_rows(rows, t, BN: tl.constexpr, stride_wn, W_FP4: tl.constexpr):
+    """`_weight_rows` pointers moved t tiles of BN rows on (FP4: BN / 16 row groups a tile)."""
+    if W_FP4:
+        return rows + (t * (BN // 16)).to(tl.int64) * stride_wn
+    return rows + (t * BN).to(tl.int64) * stride_wn
+
+
+@triton.jit
 def _load_weight_tile(
     w_rows, s_rows, selectors, k0, K, n_mask,
     BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, MASK_K: tl.constexpr,
@@ -464,6 +472,7 @@ def moe_gemm1_kernel(
     ACT: tl.constexpr,
     SWAP_AB: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
+    GROUP_N: tl.constexpr = 1,
     FUSE_ACT: tl.constexpr = True,
     HAS_GS: tl.constexpr = True,
     PDL: tl.constexpr = False,
@@ -479,9 +488,13 @@ def moe_gemm1_kernel(
     only; `moe_gemm1_reduce_kernel` finishes. k_split is a multiple of BK (for FP4 a multiple of 64,
     so every slice starts on a block and its main loop stays unmasked) and the host launches no empty
     slice, so only the last slice can hold the K % BK tail. SPLIT_K = 1 passes k_split = K.
+
+    GROUP_N > 1 (SPLIT_K = 1, K a multiple of BK): a program computes GROUP_N neighbouring N tiles
+    of its block in one loop, storing each tile when its last K step is done. Short programs pay
+    their pipeline fill and set-up once per program; this spreads it over more steps.
     """
     pdl_start(PDL)
-    pid_m, pid_n, pid_s = _tile_ids(N, BN, SPLIT_K)
+    pid_m, pid_n, pid_s = _tile_ids(N, BN * GROUP_N, SPLIT_K)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -490,7 +503,7 @@ def moe_gemm1_kernel(
     tokens = (pairs // top_k).to(tl.int64)
     a_rows = x_ptr + tokens[:, None] * stride_xm
 
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_n = pid_n * GROUP_N * BN + tl.arange(0, BN)
     n_mask = (offs_n < N)[:, None]
     gate_w, gate_s = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
     up_w, up_s = _weight_rows(w_ptr, expert, offs_n + N, stride_we, stride_wn, W_FP4)
@@ -498,29 +511,52 @@ def moe_gemm1_kernel(
     acc_g = _zero_acc(BM, BN, SWAP_AB)
     acc_u = _zero_acc(BM, BN, SWAP_AB)
     selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
-    k_lo = pid_s * k_split
-    k_hi = tl.minimum(k_lo + k_split, K)
-    k_main = K - K % BK
-    for k0 in range(k_lo, tl.minimum(k_hi, k_main), BK):
-        acc_g, acc_u = _gemm1_step(
-            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k0, K, n_mask,
-            BN, BK, W_FP4, SWAP_AB, False,
-        )
-    if k_main < k_hi:
-        acc_g, acc_u = _gemm1_step(
-            acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k_main, K, n_mask,
-            BN, BK, W_FP4, SWAP_AB, True,
-        )
-    g = _finish_acc(acc_g, SWAP_AB)
-    u = _finish_acc(acc_u, SWAP_AB)
-    if SPLIT_K > 1:
-        # Rows by pair, not slot: the workspace then scales with M * top_k, not with the padding.
-        ws_ptrs = ws_ptr + pid_s * stride_ws_split + pairs[:, None].to(tl.int64) * stride_ws_pair + offs_n[None, :]
-        mask = valid[:, None] & (offs_n < N)[None, :]
-        tl.store(ws_ptrs, g, mask=mask)
-        tl.store(ws_ptrs + N, u, mask=mask)
+    if GROUP_N > 1:
+        # One flat loop over the group's tiles x K steps: the load pipeline runs on across tiles.
+        num_k = K // BK
+        steps = tl.minimum(GROUP_N, tl.cdiv(N, BN) - pid_n * GROUP_N) * num_k
+        # Addresses are functions of the step index alone (nothing carried but the accumulators),
+        # so the pipeliner can issue the loads of later tiles' steps early.
+        for i in range(0, steps):
+            t = i // num_k
+            k0 = (i - t * num_k) * BK
+            tile_n = offs_n + t * BN
+            acc_g, acc_u = _gemm1_step(
+                acc_g, acc_u, a_rows, valid,
+                _later_tile_rows(gate_w, t, BN, stride_wn, W_FP4), _later_tile_rows(up_w, t, BN, stride_wn, W_FP4),
+                _later_tile_rows(gate_s, t, BN, stride_wn, W_FP4), _later_tile_rows(up_s, t, BN, stride_wn, W_FP4),
+                selectors, k0, K, (tile_n < N)[:, None], BN, BK, W_FP4, SWAP_AB, False,
+            )  # fmt: skip
+            if k0 + BK == K:
+                g = _finish_acc(acc_g, SWAP_AB)
+                u = _finish_acc(acc_u, SWAP_AB)
+                _gemm1_epilogue(g, u, expert, gs_ptr, h_ptr, slots, tile_n, N, stride_hm, W_FP4, ACT, FUSE_ACT, HAS_GS)
+                acc_g = _zero_acc(BM, BN, SWAP_AB)
+                acc_u = _zero_acc(BM, BN, SWAP_AB)
     else:
-        _gemm1_epilogue(g, u, expert, gs_ptr, h_ptr, slots, offs_n, N, stride_hm, W_FP4, ACT, FUSE_ACT, HAS_GS)
+        k_lo = pid_s * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        k_main = K - K % BK
+        for k0 in range(k_lo, tl.minimum(k_hi, k_main), BK):
+            acc_g, acc_u = _gemm1_step(
+                acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k0, K, n_mask,
+                BN, BK, W_FP4, SWAP_AB, False,
+            )
+        if k_main < k_hi:
+            acc_g, acc_u = _gemm1_step(
+                acc_g, acc_u, a_rows, valid, gate_w, up_w, gate_s, up_s, selectors, k_main, K, n_mask,
+                BN, BK, W_FP4, SWAP_AB, True,
+            )
+        g = _finish_acc(acc_g, SWAP_AB)
+        u = _finish_acc(acc_u, SWAP_AB)
+        if SPLIT_K > 1:
+            # Rows by pair, not slot: the workspace then scales with M * top_k, not with the padding.
+            ws_ptrs = ws_ptr + pid_s * stride_ws_split + pairs[:, None].to(tl.int64) * stride_ws_pair + offs_n[None, :]
+            mask = valid[:, None] & (offs_n < N)[None, :]
+            tl.store(ws_ptrs, g, mask=mask)
+            tl.store(ws_ptrs + N, u, mask=mask)
+        else:
+            _gemm1_epilogue(g, u, expert, gs_ptr, h_ptr, slots, offs_n, N, stride_hm, W_FP4, ACT, FUSE_ACT, HAS_GS)
 
 
 @triton.jit
@@ -598,12 +634,14 @@ def moe_gemm2_kernel(
     BK: tl.constexpr,
     W_FP4: tl.constexpr,
     SWAP_AB: tl.constexpr,
+    GROUP_N: tl.constexpr = 1,
     HAS_GS: tl.constexpr = True,
     PDL: tl.constexpr = False,
 ):
-    """out[pair, n] = topk_w[pair] * gs_down * (h[slot] @ W_down^T)[n]; h rows are in sorted order."""
+    """out[pair, n] = topk_w[pair] * gs_down * (h[slot] @ W_down^T)[n]; h rows are in sorted order.
+    GROUP_N as in `moe_gemm1_kernel` (K = I is only a few steps, so GEMM2 programs are short)."""
     pdl_start(PDL)
-    pid_m, pid_n, _ = _tile_ids(N, BN, 1)
+    pid_m, pid_n, _ = _tile_ids(N, BN * GROUP_N, 1)
     if pid_m * BM >= tl.load(num_padded_ptr):
         return
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -611,7 +649,7 @@ def moe_gemm2_kernel(
     slots, pairs, valid = _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BM)
     a_rows = h_ptr + slots[:, None].to(tl.int64) * stride_hm
 
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_n = pid_n * GROUP_N * BN + tl.arange(0, BN)
     n_mask = (offs_n < N)[:, None]
     w_rows, s_rows = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
 
@@ -619,24 +657,44 @@ def moe_gemm2_kernel(
     all_rows = slots >= 0
     selectors = _fp4_scale_selectors(tbl_ptr, BK, W_FP4)
     acc = _zero_acc(BM, BN, SWAP_AB)
-    k_main = K - K % BK
-    for k0 in range(0, k_main, BK):
-        acc = _gemm2_step(
-            acc, a_rows, w_rows, s_rows, selectors, k0, K, n_mask, all_rows, BN, BK, W_FP4, SWAP_AB, False
-        )
-    if k_main < K:
-        acc = _gemm2_step(
-            acc, a_rows, w_rows, s_rows, selectors, k_main, K, n_mask, all_rows, BN, BK, W_FP4, SWAP_AB, True
-        )
-    y = _finish_acc(acc, SWAP_AB)
     row_scale = tl.load(topk_w_ptr + pairs, mask=valid, other=0.0)
     if W_FP4:
         row_scale = row_scale * FP4_UNSCALE
     if HAS_GS:
         row_scale = row_scale * tl.load(gs_ptr + expert)
-    y = y * row_scale[:, None]
-    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
+    out_rows = out_ptr + pairs[:, None].to(tl.int64) * stride_om
+    if GROUP_N > 1:
+        num_k = K // BK
+        steps = tl.minimum(GROUP_N, tl.cdiv(N, BN) - pid_n * GROUP_N) * num_k
+        for i in range(0, steps):
+            t = i // num_k
+            k0 = (i - t * num_k) * BK
+            tile_n = offs_n + t * BN
+            acc = _gemm2_step(
+                acc, a_rows, _later_tile_rows(w_rows, t, BN, stride_wn, W_FP4),
+                _later_tile_rows(s_rows, t, BN, stride_wn, W_FP4), selectors, k0, K, (tile_n < N)[:, None],
+                all_rows, BN, BK, W_FP4, SWAP_AB, False,
+            )  # fmt: skip
+            if k0 + BK == K:
+                _gemm2_store(acc, row_scale, out_rows, tile_n, valid, N, SWAP_AB)
+                acc = _zero_acc(BM, BN, SWAP_AB)
+    else:
+        k_main = K - K % BK
+        for k0 in range(0, k_main, BK):
+            acc = _gemm2_step(
+                acc, a_rows, w_rows, s_rows, selectors, k0, K, n_mask, all_rows, BN, BK, W_FP4, SWAP_AB, False
+            )
+        if k_main < K:
+            acc = _gemm2_step(
+                acc, a_rows, w_rows, s_rows, selectors, k_main, K, n_mask, all_rows, BN, BK, W_FP4, SWAP_AB, True
+            )
+        _gemm2_store(acc, row_scale, out_rows, offs_n, valid, N, SWAP_AB)
+
+
+@triton.jit
+def _gemm2_store(acc, row_scale, out_rows, offs_n, valid, N, SWAP_AB: tl.constexpr):
+    y = _finish_acc(acc, SWAP_AB) * row_scale[:, None]
+    tl.store(out_rows + offs_n[None, :], y.to(out_rows.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
