@@ -199,10 +199,9 @@ def test_gemm1_split_k(case, swap, weight_format):
 
 
 # Tiles a program computes in one loop (group_n), (hidden, inter, group): GEMM1 has 4 N tiles of 32
-# (I = 128) or 3 with a partial last one (I = 80); GEMM2 has 6 (H = 192), its K = 80 is no whole
-# number of 64-steps, so it falls back to one tile a program there; groups of 3 and 4 leave a short
-# last group.
-_GROUP_CASES = [(192, 128, 2), (192, 128, 4), (192, 80, 3)]
+# (I = 128) or 3 with a partial last one (I = 80), GEMM2 6 (H = 192); every case leaves one GEMM a
+# short last group. GEMM2's K = 80 is no whole number of 64-steps: one tile a program there.
+_GROUP_CASES = [(192, 128, 3), (192, 128, 4), (192, 80, 2)]
 
 
 @pytest.mark.parametrize("case", _GROUP_CASES)
@@ -216,7 +215,11 @@ def test_tile_groups(case, swap, weight_format):
     cfg = MoeTileConfig(16, tile(32, 64, 4, 2, swap, 1, group), tile(32, 64, 4, 2, swap, 1, group))
     ref = reference(layer, x, topk, weight_format)
     _poison_allocator()
-    assert rel_err(run_triton(layer, x, topk, weight_format, cfg), ref) <= TOL
+    out = run_triton(layer, x, topk, weight_format, cfg)
+    assert rel_err(out, ref) <= TOL
+    # Each tile's K loop is unchanged by the grouping: bit for bit the one-tile-a-program result.
+    one = MoeTileConfig(16, tile(32, 64, 4, 2, swap), tile(32, 64, 4, 2, swap))
+    assert torch.equal(out, run_triton(layer, x, topk, weight_format, one))
 
 
 def test_tile_group_needs_whole_k_steps():
@@ -291,6 +294,12 @@ def _compile_split_k_for_sm90() -> None:
     for swap in (False, True):
         consts = dict(BM=16, BN=64, BK=64, W_FP4=True, SWAP_AB=swap, GROUP_N=4, HAS_GS=True, PDL=True)
         compile_one(kernels.moe_gemm2_kernel, gemm2, consts, 4, 4)
+    # The bf16 prefill tiles the tuner sweeps with groups (128-row blocks, wgmma).
+    consts = dict(BM=128, BN=128, BK=64, W_FP4=False, ACT=0, SWAP_AB=True, SPLIT_K=1, GROUP_N=2, FUSE_ACT=True,
+                  HAS_GS=False, PDL=True)  # fmt: skip
+    compile_one(kernels.moe_gemm1_kernel, {**gemm1, "w_ptr": "*bf16"}, consts, 8, 4)
+    consts = dict(BM=128, BN=256, BK=64, W_FP4=False, SWAP_AB=False, GROUP_N=2, HAS_GS=False, PDL=True)
+    compile_one(kernels.moe_gemm2_kernel, {**gemm2, "w_ptr": "*bf16"}, consts, 8, 3)
 
     from sglang.srt.layers.moe.fused_moe_triton import moe_gemv
 
@@ -568,7 +577,7 @@ def test_config_lookup_has_a_default():
 
 
 @pytest.mark.parametrize("card", ["H100", "H200"])
-def test_tuned_tables_cover_both_hopper_cards(card, monkeypatch):
+def testtuned_tables_cover_both_hopper_cards(card, monkeypatch):
     """Both cards have measured tables for the 26B-A4B experts in both formats: every bucket is
     found there, not in the shape-agnostic default (which at 1024 NVFP4 tokens would take 128-row
     swapped tiles; both sweeps chose 32-row blocks)."""
@@ -593,7 +602,7 @@ def test_config_file_replaces_its_buckets(tmp_path, monkeypatch):
     path = tmp_path / "moe_configs.json"
     path.write_text(json.dumps(entries))
     monkeypatch.setenv("SGLANG_MOE_CONFIG_FILE", str(path))
-    configs._tuned_tables.cache_clear()
+    configs.tuned_tables.cache_clear()
     try:
         monkeypatch.setattr(configs, "device_key", lambda: "H200")
         cfg = get_moe_config(64, 128, 2816, 704, 8, "nvfp4")
@@ -604,11 +613,16 @@ def test_config_file_replaces_its_buckets(tmp_path, monkeypatch):
         monkeypatch.setattr(configs, "device_key", lambda: "L40S")
         assert get_moe_config(7, 60, 96, 80, 2, "bf16").block_m == 32
         path.write_text(json.dumps([{"device": "H200", "format": "nvfp4", "rows": rows}]))
-        configs._tuned_tables.cache_clear()
+        configs.tuned_tables.cache_clear()
         with pytest.raises(ValueError, match="moe_configs.json.*shape"):
             get_moe_config(64, 128, 2816, 704, 8, "nvfp4")
+        bad = [[128, 16, [64, 32, 4, 4, 0], rows[0][3]]]  # block_k 32: no whole FP4 blocks
+        path.write_text(json.dumps([{**entries[0], "rows": bad}]))
+        configs.tuned_tables.cache_clear()
+        with pytest.raises(ValueError, match="moe_configs.json.*block_k"):
+            configs.tuned_tables()
     finally:
-        configs._tuned_tables.cache_clear()
+        configs.tuned_tables.cache_clear()
 
 
 def test_tuner_writes_a_config_file(tmp_path):

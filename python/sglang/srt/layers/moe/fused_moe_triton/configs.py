@@ -186,15 +186,38 @@ def read_config_file(path: str) -> dict[tuple, list[tuple[int, MoeTileConfig]]]:
             entries = json.load(f)
         tables = {}
         for e in entries:
-            key = (e["device"], e["format"], *(int(v) for v in e["shape"]))
-            tables[key] = [(int(m), MoeTileConfig(int(bm), tile(*g1), tile(*g2))) for m, bm, g1, g2 in e["rows"]]
+            if e["format"] not in ("nvfp4", "bf16") or len(e["shape"]) != 4:
+                raise ValueError(f"entry for {e['device']}: format must be nvfp4 or bf16 and shape [E, H, I, top_k]")
+            key = (str(e["device"]), e["format"], *(_positive_int(v) for v in e["shape"]))
+            tables[key] = [(_positive_int(m), _checked_config(e["format"], bm, g1, g2)) for m, bm, g1, g2 in e["rows"]]
         return tables
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"SGLANG_MOE_CONFIG_FILE {path!r}: {type(exc).__name__}: {exc}") from exc
 
 
+def _positive_int(v) -> int:
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"expected a positive integer, got {v!r}")
+    return v
+
+
+def _checked_tile(fmt: str, values: list) -> GemmTile:
+    """(block_n, block_k, num_warps, num_stages, swap_ab[, split_k[, group_n]]), swap_ab 0 or 1, the
+    rest positive; rejected when the file is read rather than at the first forward."""
+    if not 5 <= len(values) <= 7 or values[4] not in (0, 1):
+        raise ValueError(f"tile {values!r}: expected (block_n, block_k, warps, stages, swap_ab 0/1[, split_k[, group_n]])")
+    t = tile(*(v if i == 4 else _positive_int(v) for i, v in enumerate(values)))
+    if fmt == "nvfp4" and t.block_k % 64:
+        raise ValueError(f"tile {values!r}: NVFP4 tiles need block_k a multiple of 64")
+    return t
+
+
+def _checked_config(fmt: str, block_m, g1: list, g2: list) -> MoeTileConfig:
+    return MoeTileConfig(_positive_int(block_m), _checked_tile(fmt, g1), _checked_tile(fmt, g2))
+
+
 @functools.lru_cache(maxsize=1)
-def _tuned_tables() -> dict[tuple, list[tuple[int, MoeTileConfig]]]:
+def tuned_tables() -> dict[tuple, list[tuple[int, MoeTileConfig]]]:
     """TUNED_MOE_CONFIGS with the rows of SGLANG_MOE_CONFIG_FILE (if set) in place of the built-in
     rows of the same bucket: a tuning run on another card or shape is used without editing code."""
     tables = {k: list(v) for k, v in TUNED_MOE_CONFIGS.items()}
@@ -209,7 +232,7 @@ def _tuned_tables() -> dict[tuple, list[tuple[int, MoeTileConfig]]]:
 def get_moe_config(
     num_tokens: int, num_experts: int, hidden: int, inter: int, top_k: int, weight_format: str
 ) -> MoeTileConfig:
-    table = _tuned_tables().get((device_key(), weight_format, num_experts, hidden, inter, top_k))
+    table = tuned_tables().get((device_key(), weight_format, num_experts, hidden, inter, top_k))
     if table:
         for max_m, cfg in table:
             if num_tokens <= max_m:

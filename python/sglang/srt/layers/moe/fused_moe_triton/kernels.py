@@ -493,6 +493,7 @@ def moe_gemm1_kernel(
     of its block in one loop, storing each tile when its last K step is done. Short programs pay
     their pipeline fill and set-up once per program; this spreads it over more steps.
     """
+    tl.static_assert(GROUP_N == 1 or SPLIT_K == 1, "tile groups need an unsplit K")
     pdl_start(PDL)
     pid_m, pid_n, pid_s = _tile_ids(N, BN * GROUP_N, SPLIT_K)
     if pid_m * BM >= tl.load(num_padded_ptr):

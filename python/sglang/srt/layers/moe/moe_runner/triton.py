@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from sglang.srt.layers.moe.fused_moe_triton.configs import tuned_tables
 from sglang.srt.layers.moe.fused_moe_triton.fused_moe import ExpertWeights, fused_experts, prepare_nvfp4_experts
 from sglang.srt.layers.moe.moe_runner.base import BF16, NVFP4, MoeRunner, register_moe_runner
 from sglang.srt.layers.moe.topk import TopKOutput
@@ -28,6 +29,13 @@ def _set_param(layer: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 class _TritonMoeRunnerBase(MoeRunner):
     backend = "triton"
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        tuned_tables()  # a bad SGLANG_MOE_CONFIG_FILE fails at load, not at the first request
+        self._prepare(layer)
+
+    def _prepare(self, layer: torch.nn.Module) -> None:
+        raise NotImplementedError
 
     def _weights(self, layer: torch.nn.Module) -> ExpertWeights:
         raise NotImplementedError
@@ -49,7 +57,7 @@ class _TritonMoeRunnerBase(MoeRunner):
 class TritonBf16MoeRunner(_TritonMoeRunnerBase):
     weight_format = BF16
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+    def _prepare(self, layer: torch.nn.Module) -> None:
         for name in ("w13_weight", "w2_weight"):
             _set_param(layer, name, getattr(layer, name).data.to(torch.bfloat16).contiguous())
 
@@ -61,7 +69,7 @@ class TritonBf16MoeRunner(_TritonMoeRunnerBase):
 class TritonNvFp4MoeRunner(_TritonMoeRunnerBase):
     weight_format = NVFP4
 
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+    def _prepare(self, layer: torch.nn.Module) -> None:
         if not getattr(layer, "nvfp4_triton_layout", False):
             w = prepare_nvfp4_experts(
                 layer.w13_weight.data, layer.w2_weight.data, layer.w13_weight_scale.data,
