@@ -191,6 +191,20 @@ def _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4: tl.constexp
 
 
 @triton.jit
+def _group_steps(N, pid_n, num_k, BN: tl.constexpr, GROUP_N: tl.constexpr):
+    """Loop length of tile group pid_n: its tiles (the last group may be short) x num_k K steps."""
+    return tl.minimum(GROUP_N, tl.cdiv(N, BN) - pid_n * GROUP_N) * num_k
+
+
+@triton.jit
+def _group_step(i, num_k, offs_n, BN: tl.constexpr, BK: tl.constexpr):
+    """Step i of a group's loop -> (tile index, K offset, the tile's columns). Addresses derive from i
+    alone (the loop carries only accumulators), so the pipeliner can issue later tiles' loads early."""
+    t = i // num_k
+    return t, (i - t * num_k) * BK, offs_n + t * BN
+
+
+@triton.jit
 def _later_tile_rows(rows, t, BN: tl.constexpr, stride_wn, W_FP4: tl.constexpr):
     """`_weight_rows` pointers moved t tiles of BN rows on (FP4: BN / 16 row groups a tile)."""
     if W_FP4:
@@ -515,13 +529,8 @@ def moe_gemm1_kernel(
     if GROUP_N > 1:
         # One flat loop over the group's tiles x K steps: the load pipeline runs on across tiles.
         num_k = K // BK
-        steps = tl.minimum(GROUP_N, tl.cdiv(N, BN) - pid_n * GROUP_N) * num_k
-        # Addresses are functions of the step index alone (nothing carried but the accumulators),
-        # so the pipeliner can issue the loads of later tiles' steps early.
-        for i in range(0, steps):
-            t = i // num_k
-            k0 = (i - t * num_k) * BK
-            tile_n = offs_n + t * BN
+        for i in range(0, _group_steps(N, pid_n, num_k, BN, GROUP_N)):
+            t, k0, tile_n = _group_step(i, num_k, offs_n, BN, BK)
             acc_g, acc_u = _gemm1_step(
                 acc_g, acc_u, a_rows, valid,
                 _later_tile_rows(gate_w, t, BN, stride_wn, W_FP4), _later_tile_rows(up_w, t, BN, stride_wn, W_FP4),
@@ -666,11 +675,8 @@ def moe_gemm2_kernel(
     out_rows = out_ptr + pairs[:, None].to(tl.int64) * stride_om
     if GROUP_N > 1:
         num_k = K // BK
-        steps = tl.minimum(GROUP_N, tl.cdiv(N, BN) - pid_n * GROUP_N) * num_k
-        for i in range(0, steps):
-            t = i // num_k
-            k0 = (i - t * num_k) * BK
-            tile_n = offs_n + t * BN
+        for i in range(0, _group_steps(N, pid_n, num_k, BN, GROUP_N)):
+            t, k0, tile_n = _group_step(i, num_k, offs_n, BN, BK)
             acc = _gemm2_step(
                 acc, a_rows, _later_tile_rows(w_rows, t, BN, stride_wn, W_FP4),
                 _later_tile_rows(s_rows, t, BN, stride_wn, W_FP4), selectors, k0, K, (tile_n < N)[:, None],
