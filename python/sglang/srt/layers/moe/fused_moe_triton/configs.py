@@ -31,9 +31,6 @@ class GemmTile:
     # then pay their set-up and pipeline fill once for several tiles.
     group_n: int = 1
 
-    def as_tuple(self) -> tuple:
-        return (self.block_n, self.block_k, self.num_warps, self.num_stages, int(self.swap_ab), self.split_k, self.group_n)
-
 
 @dataclass(frozen=True)
 class MoeTileConfig:
@@ -105,8 +102,8 @@ def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeT
 # H100 (80GB HBM3): the same sweep on 2026-12-07 at M = 16, 64, 256, 1024 (NVFP4) and 16 ... 8192
 # (bf16); rows of buckets it did not reach (M <= 8, where the per-pair GEMV path runs by default, and
 # NVFP4 from 4096 on, which runs the bf16 rows) are the H200 ones.
-# Tiles are (block_n, block_k, num_warps, num_stages, swap_ab[, split_k]). The split-K sweep (M = 1, 4,
-# 16, 64; 2026-11-28) won only at M = 1; from M = 4 on the unsplit tile was fastest.
+# Tiles are (block_n, block_k, num_warps, num_stages, swap_ab[, split_k[, group_n]]). The split-K
+# sweep (M = 1, 4, 16, 64; 2026-11-28) won only at M = 1; from M = 4 on the unsplit tile was fastest.
 TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
     ("H200", "nvfp4", 128, 2816, 704, 8): _bucketed([
         (2, 16, (64, 64, 4, 4, 0, 4), (64, 64, 4, 4, 0)),  # split-K 4: GEMM1 17.0 vs 19.6 us at M=1

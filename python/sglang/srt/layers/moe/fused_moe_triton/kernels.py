@@ -519,7 +519,6 @@ def moe_gemm1_kernel(
     a_rows = x_ptr + tokens[:, None] * stride_xm
 
     offs_n = pid_n * GROUP_N * BN + tl.arange(0, BN)
-    n_mask = (offs_n < N)[:, None]
     gate_w, gate_s = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
     up_w, up_s = _weight_rows(w_ptr, expert, offs_n + N, stride_we, stride_wn, W_FP4)
 
@@ -544,6 +543,7 @@ def moe_gemm1_kernel(
                 acc_g = _zero_acc(BM, BN, SWAP_AB)
                 acc_u = _zero_acc(BM, BN, SWAP_AB)
     else:
+        n_mask = (offs_n < N)[:, None]
         k_lo = pid_s * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
         k_main = K - K % BK
@@ -660,7 +660,6 @@ def moe_gemm2_kernel(
     a_rows = h_ptr + slots[:, None].to(tl.int64) * stride_hm
 
     offs_n = pid_n * GROUP_N * BN + tl.arange(0, BN)
-    n_mask = (offs_n < N)[:, None]
     w_rows, s_rows = _weight_rows(w_ptr, expert, offs_n, stride_we, stride_wn, W_FP4)
 
     # Padding rows of h hold finite values (GEMM1 wrote them); loading them all keeps the loads unmasked.
@@ -686,6 +685,7 @@ def moe_gemm2_kernel(
                 _gemm2_store(acc, row_scale, out_rows, tile_n, valid, N, SWAP_AB)
                 acc = _zero_acc(BM, BN, SWAP_AB)
     else:
+        n_mask = (offs_n < N)[:, None]
         k_main = K - K % BK
         for k0 in range(0, k_main, BK):
             acc = _gemm2_step(
