@@ -5,7 +5,8 @@
 #      (prefill; NVFP4 experts run the bf16 kernels there), merged into $OUT/moe_configs.json;
 #   2. gpu_serving.sh with those tables (SGLANG_MOE_CONFIG_FILE), then with the built-in ones (the
 #      baseline, same machine), and both side by side;
-#   3. (only when named) the MoE tests with the tuned tables in force, real shapes included.
+#   3. (only when named) the MoE tests with the tuned tables in force, real shapes included
+#      (PYTEST_K selects some, TEST_TIMEOUT bounds them).
 #   bash benchmark/moe_retune_and_serve.sh [tune] [serve] [test]    (default: tune serve; results under $OUT)
 # $OUT gets the logs, the sweeps' JSON, the merged table and one bench_serving file per table (7 files);
 # server logs stay under /tmp/moe_retune.
@@ -47,7 +48,7 @@ if has serve; then
   for tag in tuned builtin; do
     mkdir -p "$WORK/serve_$tag"
     if [ "$tag" = tuned ]; then cfg=$CONFIG; else cfg=; fi
-    SGLANG_MOE_CONFIG_FILE=$cfg OUT="$WORK/serve_$tag" bash benchmark/gpu_serving.sh >"$WORK/serve_$tag.txt" 2>&1
+    SGLANG_MOE_CONFIG_FILE=$cfg OUT="$WORK/serve_$tag" timeout 240 bash benchmark/gpu_serving.sh >"$WORK/serve_$tag.txt" 2>&1
     grep -h "server ready" "$WORK/serve_$tag.txt"
     cp "$WORK/serve_$tag/bench_serving.jsonl" "$OUT/serve_$tag.jsonl" 2>/dev/null || tail -5 "$WORK/serve_$tag.txt"
   done
@@ -67,6 +68,6 @@ PY
 fi
 
 if has test; then
-  SGLANG_MOE_CONFIG_FILE=$CONFIG python3 -m pytest -q -x test/srt/test_moe_triton.py >"$OUT/tests.txt" 2>&1
+  SGLANG_MOE_CONFIG_FILE=$CONFIG timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q test/srt/test_moe_triton.py ${PYTEST_K:+-k "$PYTEST_K"} >"$OUT/tests.txt" 2>&1
   tail -3 "$OUT/tests.txt"
 fi
