@@ -45,7 +45,7 @@ fi
 CONFIG=${SGLANG_MOE_CONFIG_FILE:-$OUT/moe_configs.json}
 
 if has serve; then
-  for tag in tuned builtin; do
+  for tag in ${SERVE_ORDER:-tuned builtin}; do  # the first server runs on a cold Triton cache
     mkdir -p "$WORK/serve_$tag"
     if [ "$tag" = tuned ]; then cfg=$CONFIG; else cfg=; fi
     SGLANG_MOE_CONFIG_FILE=$cfg OUT="$WORK/serve_$tag" timeout 240 bash benchmark/gpu_serving.sh >"$WORK/serve_$tag.txt" 2>&1
