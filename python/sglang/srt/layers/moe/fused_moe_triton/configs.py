@@ -104,12 +104,15 @@ def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeT
 # NVFP4 from 4096 on, which runs the bf16 rows) are the H200 ones.
 # Tiles are (block_n, block_k, num_warps, num_stages, swap_ab[, split_k[, group_n]]). The split-K
 # sweep (M = 1, 4, 16, 64; 2026-11-28) won only at M = 1; from M = 4 on the unsplit tile was fastest.
+# Tile groups (group_n) were swept on the H200 on 2026-12-07 (NVFP4 at M = 16, 64, 256; bf16 at 4096,
+# 8192): pairs of GEMM2 N tiles won at 16 and 64; at 256 (32-row blocks) and for bf16 the one-tile
+# programs stayed fastest. The H100 has not been swept with groups.
 TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
     ("H200", "nvfp4", 128, 2816, 704, 8): _bucketed([
         (2, 16, (64, 64, 4, 4, 0, 4), (64, 64, 4, 4, 0)),  # split-K 4: GEMM1 17.0 vs 19.6 us at M=1
         (8, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
-        (32, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
-        (128, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
+        (32, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0, 1, 2)),  # GEMM2 in tile pairs: 58.1 -> 54.1 us at M=16
+        (128, 16, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0, 1, 2)),  # 85.3 -> 79.3 us at 64
         (512, 32, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
         (2048, 32, (64, 64, 4, 4, 0), (64, 64, 4, 4, 0)),
         (6144, 128, (64, 64, 4, 4, 1), (64, 64, 4, 3, 1)),
