@@ -203,9 +203,11 @@ class Scheduler:
         """Compile the prefill kernels before serving (GPU only; see model_executor/warmup.py)."""
         if self.device_type != "cuda" or self.server_args.skip_server_warmup:
             return
+        from sglang.srt.model_executor.compile_watch import watch_late_compiles
         from sglang.srt.model_executor.warmup import warmup_prefill, warmup_token_budget
 
         warmup_prefill(self.model_runner, warmup_token_budget(self.model_runner, self.max_prefill_tokens))
+        watch_late_compiles()  # from now on a first-met kernel variant stalls requests: log it
 
     @property
     def tokenizer(self):
