@@ -7,17 +7,37 @@ import pytest
 import torch
 
 from sglang.srt.model_executor.model_runner import ModelRunner
-from sglang.srt.model_executor.warmup import warmup_prefill, warmup_sizes, warmup_token_budget
+from sglang.srt.model_executor.warmup import MIN_WARMUP_TOKENS, warmup_prefill, warmup_sizes, warmup_token_budget
 from sglang.srt.server_args import ServerArgs
 from sglang.test.make_gemma4_checkpoint import write_checkpoint
 from sglang.test.static_batch import greedy_generate
 
 
-def test_sizes_double_up_to_the_budget():
-    assert warmup_sizes(8192) == [256, 512, 1024, 2048, 4096, 8192]
-    assert warmup_sizes(5000) == [256, 512, 1024, 2048, 4096, 5000]
+def test_sizes_are_powers_of_two_and_their_halfway_points():
+    assert warmup_sizes(8192) == [256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192]
+    assert warmup_sizes(5000) == [256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 5000]
     assert warmup_sizes(100) == [100]
-    assert warmup_sizes(64, min_tokens=16) == [16, 32, 64]
+    assert warmup_sizes(64, min_tokens=16) == [16, 24, 32, 48, 64]
+
+
+@pytest.mark.parametrize("card", ["H100", "H200", "unknown"])
+@pytest.mark.parametrize("weight_format", ["nvfp4", "bf16"])
+def test_every_moe_kernel_variant_of_a_prefill_is_warmed_up(card, weight_format, monkeypatch):
+    """Each (path, tile config) a prefill of 256..8192 tokens can run for the 26B-A4B experts is met
+    by some warm-up size: a variant first met while serving compiles for seconds inside a step
+    (on the H200, NVFP4 prefills of 2049-4095 tokens ran the in-loop decode with a tile no power of two
+    reached)."""
+    from sglang.srt.layers.moe.fused_moe_triton import configs
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import FP4_DEQUANT_MIN_TOKENS
+
+    monkeypatch.setattr(configs, "device_key", lambda: card)
+
+    def variant(m: int) -> tuple:
+        fmt = "bf16" if weight_format == "nvfp4" and m >= FP4_DEQUANT_MIN_TOKENS else weight_format
+        return fmt, configs.get_moe_config(m, 128, 2816, 704, 8, fmt)
+
+    served = {variant(m) for m in range(MIN_WARMUP_TOKENS, 8193)}
+    assert served == {variant(m) for m in warmup_sizes(8192)}
 
 
 @pytest.fixture(scope="module")

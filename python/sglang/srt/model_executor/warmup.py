@@ -4,8 +4,11 @@ Triton compiles a kernel variant the first time a shape class needs it. Decode s
 while the CUDA graphs are captured, but a prefill of a new size class (another MoE tile bucket, the
 fp4 -> bf16 expansion of large batches) compiles for seconds while every running request waits: on an
 H200 each concurrency-64 serving run had one 3.5-6 s gap between two tokens, and its p99 TTFT was
-6-12 s, against ~1 s for the median. So the runner prefills once per power of two of tokens up to the
-largest prefill batch, with every slot given back afterwards. `--skip-server-warmup` skips it.
+6-12 s, against ~1 s for the median. So the runner prefills once per power of two of tokens and once
+per 1.5x a power of two, up to the largest prefill batch, with every slot given back afterwards. The
+1.5x sizes matter: the MoE tile buckets end halfway between the powers of two they were tuned at
+(2048 < M <= 6144 is one bucket), and NVFP4 experts leave the in-loop decode at 4096 tokens, so
+prefills of 2049-4095 tokens run a path no power of two meets. `--skip-server-warmup` skips it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ MIN_WARMUP_TOKENS = 256  # smaller prefills share the tiles of the decode batche
 
 
 def warmup_sizes(max_tokens: int, min_tokens: int = MIN_WARMUP_TOKENS) -> list[int]:
-    """min_tokens, 2 * min_tokens, ... below max_tokens, then max_tokens itself."""
+    """min_tokens, 1.5 * min_tokens, 2 * min_tokens, 3 * min_tokens, ... below max_tokens, then max_tokens."""
     sizes, n = [], min_tokens
     while n < max_tokens:
-        sizes.append(n)
+        sizes += [s for s in (n, n * 3 // 2) if s < max_tokens]
         n *= 2
     return sizes + [max_tokens]
 
