@@ -65,6 +65,7 @@ def test_installs_into_tritons_runtime_knobs():
     try:
         assert knobs.jit_cache_hook == watch.on_cache_miss
         assert knobs.jit_post_compile_hook == watch.on_compiled
+        assert watch_late_compiles() is watch  # installed once per process, however many schedulers
     finally:
         watch.uninstall()
     assert (knobs.jit_cache_hook, knobs.jit_post_compile_hook) == before

@@ -61,6 +61,9 @@ def watch_late_compiles() -> LateCompileWatch | None:
     runtime = knobs.runtime
     if not hasattr(runtime, "jit_post_compile_hook"):
         return None
+    installed = getattr(runtime.jit_cache_hook, "__self__", None)
+    if isinstance(installed, LateCompileWatch):  # another scheduler in this process: log each variant once
+        return installed
     watch = LateCompileWatch(runtime)
     runtime.jit_cache_hook, runtime.jit_post_compile_hook = watch.on_cache_miss, watch.on_compiled
     return watch
