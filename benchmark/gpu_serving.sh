@@ -24,3 +24,5 @@ bench --num-prompts 10 --max-concurrency 1 --random-range-ratio 0
 bench --num-prompts 256 --max-concurrency 64 --random-range-ratio 0
 # TTFT of a lone 1000-token prompt.
 bench --num-prompts 5 --max-concurrency 1 --random-output-len 1
+# Kernel variants the warm-up missed (model_executor/compile_watch.py): each one stalled a step.
+grep -h "after warm-up" "$OUT/server.log" | cut -c1-400 || echo "no kernel variant first met after warm-up"

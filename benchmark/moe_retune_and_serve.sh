@@ -49,7 +49,7 @@ if has serve; then
     mkdir -p "$WORK/serve_$tag"
     if [ "$tag" = tuned ]; then cfg=$CONFIG; else cfg=; fi
     SGLANG_MOE_CONFIG_FILE=$cfg OUT="$WORK/serve_$tag" timeout 240 bash benchmark/gpu_serving.sh >"$WORK/serve_$tag.txt" 2>&1
-    grep -h "server ready" "$WORK/serve_$tag.txt"
+    grep -hE "server ready|after warm-up|no kernel variant" "$WORK/serve_$tag.txt"
     cp "$WORK/serve_$tag/bench_serving.jsonl" "$OUT/serve_$tag.jsonl" 2>/dev/null || tail -5 "$WORK/serve_$tag.txt"
   done
   python3 - "$OUT" <<'PY'
