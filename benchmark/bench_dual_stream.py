@@ -31,6 +31,14 @@ def replay_ms(runner: ModelRunner, batch_size: int, input_len: int) -> float:
     return ms
 
 
+def recapture_and_replay(runner: ModelRunner, batch_sizes: list[int], input_len: int) -> dict[int, float]:
+    """Capture the decode CUDA graphs again (the current settings then hold in them) and time each
+    batch size's graph replayed: {batch size: ms}."""
+    runner.graph_runner = None
+    runner.graph_runner = runner._init_cuda_graphs()
+    return {bs: replay_ms(runner, bs, input_len) for bs in batch_sizes}
+
+
 def runner_for_batch_sizes(description: str, batch_sizes: list[int]) -> tuple[argparse.Namespace, ModelRunner]:
     """Command line (--model-path, --batch-sizes, --input-len) and a runner on dummy weights whose
     CUDA graphs cover every batch size asked for."""
@@ -51,10 +59,8 @@ def main() -> None:
     times = {}
     for streams, tokens in ((1, range(0)), (2, range(1, max_bs + 1))):
         gemma4_causal.DUAL_STREAM_TOKENS = tokens
-        runner.graph_runner = None
-        runner.graph_runner = runner._init_cuda_graphs()
-        for bs in args.batch_sizes:
-            times[streams, bs] = replay_ms(runner, bs, args.input_len)
+        for bs, ms in recapture_and_replay(runner, args.batch_sizes, args.input_len).items():
+            times[streams, bs] = ms
     print(f"{torch.cuda.get_device_name()}, {args.model_path} (dummy weights), input {args.input_len}, "
           f"kv cache {str(runner.kv_cache.dtype).removeprefix('torch.')}")  # fmt: skip
     for bs in args.batch_sizes:

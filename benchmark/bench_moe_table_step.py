@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from bench_dual_stream import replay_ms, runner_for_batch_sizes
+from bench_dual_stream import recapture_and_replay, runner_for_batch_sizes
 from sglang.srt.layers.moe.fused_moe_triton.configs import tuned_tables
 
 ENV = "SGLANG_MOE_CONFIG_FILE"
@@ -32,10 +32,8 @@ def main() -> None:
         else:
             os.environ.pop(ENV, None)
         tuned_tables.cache_clear()
-        runner.graph_runner = None
-        runner.graph_runner = runner._init_cuda_graphs()
-        for bs in args.batch_sizes:
-            times[setting, bs] = replay_ms(runner, bs, args.input_len)
+        for bs, ms in recapture_and_replay(runner, args.batch_sizes, args.input_len).items():
+            times[setting, bs] = ms
     print(f"{torch.cuda.get_device_name()}, {args.model_path} (dummy weights), input {args.input_len}, "
           f"kv cache {str(runner.kv_cache.dtype).removeprefix('torch.')}; tables from {path}")  # fmt: skip
     for bs in args.batch_sizes:
