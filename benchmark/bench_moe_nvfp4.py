@@ -501,7 +501,7 @@ def main() -> None:
             else:
                 cfg = get_moe_gemv_config(m * TOP_K, fmt) or get_moe_config(m, E, H, I, TOP_K, fmt)
             # NVFP4 from FP4_DEQUANT_MIN_TOKENS on: experts expanded to bf16, bf16 kernels with their tiles.
-            dequant = fmt == "nvfp4" and m >= fm.FP4_DEQUANT_MIN_TOKENS
+            dequant = fm.grouped_format(fmt, m) != fmt
             t = bench_layer(fmt, w, m, routings, None if dequant else cfg)
             touched = statistics.mean(len(torch.unique(r.topk_ids)) for _, r in routings)
             nbytes = touched * expert_bytes(fmt)

@@ -28,12 +28,12 @@ def test_every_moe_kernel_variant_of_a_prefill_is_warmed_up(card, weight_format,
     (on the H200, NVFP4 prefills of 2049-4095 tokens ran the in-loop decode with a tile no power of two
     reached)."""
     from sglang.srt.layers.moe.fused_moe_triton import configs
-    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import FP4_DEQUANT_MIN_TOKENS
+    from sglang.srt.layers.moe.fused_moe_triton.fused_moe import grouped_format
 
     monkeypatch.setattr(configs, "device_key", lambda: card)
 
     def variant(m: int) -> tuple:
-        fmt = "bf16" if weight_format == "nvfp4" and m >= FP4_DEQUANT_MIN_TOKENS else weight_format
+        fmt = grouped_format(weight_format, m)
         return fmt, configs.get_moe_config(m, 128, 2816, 704, 8, fmt)
 
     served = {variant(m) for m in range(MIN_WARMUP_TOKENS, 8193)}

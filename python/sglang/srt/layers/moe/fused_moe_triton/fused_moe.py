@@ -203,6 +203,12 @@ def _launch_kwargs(t: GemmTile, w: ExpertWeights, block_m: int) -> dict:
                 **pdl_launch(w.w13.device))
 
 
+def grouped_format(weight_format: str, num_tokens: int) -> str:
+    """The weight format the grouped GEMMs run (and take their tuned tiles) for: NVFP4 experts are
+    expanded to bf16 once per call from FP4_DEQUANT_MIN_TOKENS tokens on."""
+    return "bf16" if weight_format == "nvfp4" and num_tokens >= FP4_DEQUANT_MIN_TOKENS else weight_format
+
+
 def tile_group(t: GemmTile, k: int, slices: int = 1) -> int:
     """N tiles a program computes: t.group_n where the kernels support it (whole K steps, no split)."""
     if t.group_n < 1:
@@ -327,7 +333,7 @@ def fused_experts(
     if isinstance(config, MoeGemvConfig):
         pair_out = moe_gemv(x, w, topk_weights, topk_ids, _ACTIVATIONS[activation], config)
     else:
-        if w.is_fp4 and num_tokens >= FP4_DEQUANT_MIN_TOKENS:
+        if grouped_format(fmt, num_tokens) != fmt:
             w = dequantize_fp4_experts(w, x.shape[1])
             fmt = "bf16"  # the bf16 kernels run from here on, so their tuned tiles apply
         if config is None:
