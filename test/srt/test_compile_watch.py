@@ -14,12 +14,22 @@ from sglang.srt.model_executor.compile_watch import LateCompileWatch, watch_late
 
 
 def _hook_kwargs(name: str, key: tuple) -> dict:
-    """What Triton passes its runtime hooks (JITFunction._call_hook)."""
+    """What Triton (3.6) passes its runtime hooks (JITFunction._call_hook): a variant of
+    `name(x_ptr, n, top_k, BLOCK: tl.constexpr)` with x_ptr 16-byte aligned, n not divisible by 16 and
+    top_k specialised to 1."""
+    params = [SimpleNamespace(name=p, is_constexpr=p == "BLOCK") for p in ("x_ptr", "n", "top_k", "BLOCK")]
     return {
         "key": key,
-        "repr": f"{name}[num_warps=4, num_ctas=1, num_stages=3](x_ptr: *bf16, n: i32D)",
-        "fn": SimpleNamespace(module="sglang.kernels", name=name),
-        "compile": {},
+        "repr": f"{name}[num_warps=4, num_ctas=1, num_stages=3](x_ptr: (",
+        "fn": SimpleNamespace(module="sglang.kernels", name=name, jit_function=SimpleNamespace(params=params)),
+        "compile": {
+            "key": key,
+            "signature": {"x_ptr": "*bf16", "n": "i32", "top_k": "constexpr", "BLOCK": "constexpr"},
+            "constants": {(2,): 1, (3,): 64},
+            "configs": [{(0,): [["tt.divisibility", 16]]}],
+            "num_warps": 4,
+            "num_stages": 3,
+        },
         "is_manual_warmup": False,
         "already_compiled": False,
     }
@@ -38,7 +48,8 @@ def test_late_variant_is_logged_with_its_specialisation(runtime, caplog):
         watch.on_compiled(**kwargs)
     (record,) = caplog.records
     message = record.getMessage()
-    assert "moe_gemm2_kernel" in message and "n: i32D" in message and "after warm-up" in message
+    assert "after warm-up" in message
+    assert "moe_gemm2_kernel[num_warps=4, num_stages=3](x_ptr: *bf16 %16, n: i32, top_k=1)" in message
     assert " s while serving" in message and "nan s" not in message
     assert watch.count == 1
 
@@ -96,5 +107,6 @@ def test_real_compile_is_logged_once(caplog):
         watch.uninstall()
     torch.cuda.synchronize()
     assert watch.count - seen_before == 1 and len(caplog.records) == 1
-    assert "_add_one" in caplog.records[0].getMessage()
+    # the variant named as Triton specialised it: x 16-byte aligned, n (63) not divisible by 16
+    assert "_add_one[num_warps=4, num_stages=3](x_ptr: *fp32 %16, n: i32)" in caplog.records[0].getMessage()
     assert x[:63].eq(4).all() and x[63].item() == 2

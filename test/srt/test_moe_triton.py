@@ -577,7 +577,7 @@ def test_config_lookup_has_a_default():
 
 
 @pytest.mark.parametrize("card", ["H100", "H200"])
-def testtuned_tables_cover_both_hopper_cards(card, monkeypatch):
+def test_tuned_tables_cover_both_hopper_cards(card, monkeypatch):
     """Both cards have measured tables for the 26B-A4B experts in both formats: every bucket is
     found there, not in the shape-agnostic default (which at 1024 NVFP4 tokens would take 128-row
     swapped tiles; both sweeps chose 32-row blocks)."""

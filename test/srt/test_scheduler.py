@@ -474,3 +474,16 @@ def test_overlap_on_gpu_matches_sync_and_never_waits_for_the_gpu(tmp_path):
     assert results["overlap"] == results["sync"]
     # the longest requests have 19 decode steps; all but the first (right after the prefill) run ahead
     assert len(ahead_launches) == 18
+
+
+def test_forward_batch_index_tensors_start_16_byte_aligned():
+    """One host-to-device copy carries all of a batch's index lists, yet each tensor starts 16-byte
+    aligned as a tensor of its own would: Triton compiles a variant per pointer alignment, and before,
+    an odd token count shifted the later lists and the first such prefill compiled attention kernels
+    while serving (seen on an H100: 2.3 + 4.5 s on a fresh server)."""
+    from sglang.srt.managers.schedule_batch import pack_to_device
+
+    for lists in ([[7, 8, 9], [0, 1, 2], [4], [3], [3]], [[], [5], [1, 2], [9, 9, 9], [1]]):
+        tensors = pack_to_device(lists, "cpu")
+        assert [t.tolist() for t in tensors] == lists
+        assert all(t.dtype == torch.int64 and t.data_ptr() % 16 == 0 for t in tensors)

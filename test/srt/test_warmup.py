@@ -3,6 +3,9 @@ and that it leaves the pools as it found them and changes no later output."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 import pytest
 import torch
 
@@ -84,3 +87,45 @@ def test_a_failing_warmup_prefill_gives_its_slots_back(runner, monkeypatch):
     assert runner.token_to_kv_pool_allocator.available_size() == free
     assert (runner.swa_allocator.available_size() if runner.swa_allocator is not None else None) == swa_free
     assert runner.req_to_token_pool.available_size() == rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", reason="needs a CUDA GPU")
+def test_serving_after_startup_compiles_no_triton_kernel(tmp_path, caplog):
+    """Start-up (graph capture, prefill warm-up) compiles every Triton kernel variant that serving
+    meets: prompts of odd and even lengths, a prompt that extends a cached prefix, the same prompt
+    again (bench_serving's warm-up request, then its first one), several prompts prefilled together.
+    A variant compiled while serving stalls every running request, for seconds on an empty cache."""
+    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.model_executor.compile_watch import watch_late_compiles
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    path = write_checkpoint(tmp_path / "ck", "nvfp4-per-expert", seed=7)
+    s = Scheduler(ServerArgs(model_path=str(path), dtype="bfloat16", device="cuda", max_total_tokens=16384, skip_tokenizer_init=True))
+
+    def serve(prompts: dict[str, list[int]]) -> None:
+        for rid, ids in prompts.items():
+            s.add_request(TokenizedGenerateReqInput(rid, ids, SamplingParams(max_new_tokens=5, temperature=0)))
+        done = set()
+        for _ in range(1000):
+            done |= {out.rid for out in s.step() if out.finished_reason is not None}
+            if s.is_idle():
+                break
+        assert done == set(prompts)
+
+    def prompt(i: int, n: int) -> list[int]:
+        return [(i * 13 + j * 5) % 90 + 3 for j in range(n)]
+
+    s.warmup()
+    watch = watch_late_compiles()
+    before = watch.count
+    try:
+        with caplog.at_level(logging.WARNING, logger="sglang.srt.model_executor.compile_watch"):
+            for i, n in enumerate((37, 300, 255, 1000, 2049)):
+                serve({f"one{i}": prompt(i, n)})
+            serve({"hit": prompt(1, 300) + [5, 6, 7]})
+            serve({"again": prompt(3, 1000)})
+            serve({f"many{i}": prompt(10 + i, n) for i, n in enumerate((19, 40, 77, 333))})
+    finally:
+        watch.uninstall()
+    assert watch.count == before, [r.getMessage() for r in caplog.records]

@@ -14,6 +14,7 @@ entries 0) because no later query reads them; the prefix's swa slots belong to t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
@@ -185,10 +186,9 @@ class ScheduleBatch:
         seq_lens = [r.kv_len + r.extend_len for r in self.reqs]
         extend_lens = [r.extend_len for r in self.reqs]
         rows = [r.req_pool_idx for r in self.reqs]
-        # One host-to-device copy for all the index lists.
-        packed = to_device(torch.tensor(host_ids + positions + rows + seq_lens + extend_lens, dtype=torch.int64), device)
-        n, b = len(positions), len(self.reqs)
-        ids_t, positions_t, rows_t, seq_lens_t, extend_lens_t = packed.split([len(host_ids), n, b, b, b])
+        ids_t, positions_t, rows_t, seq_lens_t, extend_lens_t = pack_to_device(
+            [host_ids, positions, rows, seq_lens, extend_lens], device
+        )
         return ForwardBatch(
             forward_mode=self.forward_mode,
             input_ids=ids_t if input_ids is None else input_ids,
@@ -207,6 +207,17 @@ class ScheduleBatch:
         for r in self.reqs:
             r.kv_len += r.extend_len
             r.extend_len = 0
+
+
+def pack_to_device(lists: list[list[int]], device: str | torch.device) -> list[torch.Tensor]:
+    """int64 tensors of `lists` on `device` through one host-to-device copy. Each starts on a 16-byte
+    boundary of the shared buffer, as a tensor of its own would: Triton compiles a kernel variant per
+    pointer alignment, so slices whose alignment followed the token count made the first prefill of
+    an odd length (or of a prefix hit) compile attention kernels for seconds while serving."""
+    padded = [values + [0] * (len(values) % 2) for values in lists]
+    packed = to_device(torch.tensor(list(chain.from_iterable(padded)), dtype=torch.int64), device)
+    chunks = packed.split([len(values) for values in padded])
+    return [chunk[: len(values)] for chunk, values in zip(chunks, lists)]
 
 
 def write_req_to_token(fb: ForwardBatch, req_to_token: torch.Tensor, req_to_swa_token: torch.Tensor | None = None) -> None:

@@ -39,7 +39,7 @@ class LateCompileWatch:
         self.count += 1
         logger.warning(
             "Triton kernel %s met for the first time after warm-up, compiled or loaded in %.2f s while "
-            "serving: %s", kwargs["fn"].name, seconds, kwargs["repr"],
+            "serving: %s", kwargs["fn"].name, seconds, describe_variant(kwargs),
         )  # fmt: skip
         previous = self._previous[1]
         return previous(**kwargs) if previous else None
@@ -50,6 +50,32 @@ class LateCompileWatch:
     @staticmethod
     def _id(kwargs: dict) -> tuple:
         return kwargs["fn"].module, kwargs["fn"].name, kwargs["key"]
+
+
+def describe_variant(kwargs: dict) -> str:
+    """`name[options](arg: type, ...)` for the variant a hook call is about: %16 marks an argument
+    specialised as divisible by 16 (a pointer: 16-byte aligned), `arg=1` an integer specialised to
+    its value; tl.constexpr parameters are left out. (Triton's own `repr` lists the arguments'
+    types only in some versions.)"""
+    info = kwargs.get("compile") or {}
+    signature = info.get("signature")
+    if not signature:
+        return kwargs["repr"]
+    attrs = (info.get("configs") or [{}])[0]
+    divisible = {path[0] for path, a in attrs.items() if any(name == "tt.divisibility" for name, _ in a)}
+    jit_fn = getattr(kwargs["fn"], "jit_function", None)
+    declared = {p.name for p in jit_fn.params if p.is_constexpr} if jit_fn is not None else set()
+    constants = info.get("constants") or {}
+    args = []
+    for i, (name, ty) in enumerate(signature.items()):
+        if name in declared:
+            continue
+        if ty == "constexpr":
+            args.append(f"{name}={constants.get((i,))}")
+        else:
+            args.append(f"{name}: {ty}{' %16' if i in divisible else ''}")
+    options = f"num_warps={info.get('num_warps')}, num_stages={info.get('num_stages')}"
+    return f"{kwargs['fn'].name}[{options}]({', '.join(args)})"
 
 
 def watch_late_compiles() -> LateCompileWatch | None:

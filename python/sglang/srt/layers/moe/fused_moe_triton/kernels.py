@@ -336,7 +336,10 @@ def _activation(g, ACT: tl.constexpr):
     return g / (1.0 + tl.exp(-z))
 
 
-@triton.jit
+# Arguments that follow the token count (num_pairs, max_slots, max_blocks) are not specialised on: Triton
+# would compile a variant per class (divisible by 16, equal to 1, other), and the warm-up's even prefill
+# sizes would leave an odd-length prefill to compile its MoE kernels while serving.
+@triton.jit(do_not_specialize=("num_pairs", "max_slots", "max_blocks"))
 def moe_align_kernel(
     topk_ids_ptr,
     sorted_ids_ptr,
@@ -457,7 +460,7 @@ def _gemm1_epilogue(
         tl.store(h_ptrs + N, u.to(h_ptr.dtype.element_ty), mask=(offs_n < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_pairs",))
 def moe_gemm1_kernel(
     x_ptr,
     w_ptr,
@@ -569,7 +572,7 @@ def moe_gemm1_kernel(
             _gemm1_epilogue(g, u, expert, gs_ptr, h_ptr, slots, offs_n, N, stride_hm, W_FP4, ACT, FUSE_ACT, HAS_GS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_pairs",))
 def moe_gemm1_reduce_kernel(
     ws_ptr,
     gs_ptr,
@@ -621,7 +624,7 @@ def _gemm2_step(
     return _mma(acc, a, w, SWAP_AB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_pairs",))
 def moe_gemm2_kernel(
     h_ptr,
     w_ptr,
@@ -753,7 +756,7 @@ def dense_w4a16_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_pairs",))
 def moe_count_kernel(topk_ids_ptr, counts_ptr, num_pairs, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr):
     """Large-batch align, step 1: per-program histogram added into counts[NUM_BINS] (zeroed)."""
     offs = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -764,7 +767,7 @@ def moe_count_kernel(topk_ids_ptr, counts_ptr, num_pairs, NUM_BINS: tl.constexpr
     tl.atomic_add(counts_ptr + tl.arange(0, NUM_BINS), hist)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("max_blocks",))
 def moe_offsets_kernel(
     counts_ptr, cursor_ptr, block_expert_ptr, num_padded_ptr, max_blocks, num_experts,
     BLOCK_M: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_CHUNK: tl.constexpr,
@@ -785,7 +788,7 @@ def moe_offsets_kernel(
         tl.store(block_expert_ptr + blk, tl.where(slot < total, owner, -1), mask=blk < max_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_pairs",))
 def moe_scatter_kernel(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, num_pairs, CHUNK: tl.constexpr):
     """Large-batch align, step 3: each pair takes the next free slot of its expert's run."""
     _scatter_pairs(topk_ids_ptr, cursor_ptr, sorted_ids_ptr, tl.program_id(0) * CHUNK + tl.arange(0, CHUNK), num_pairs)
