@@ -106,7 +106,8 @@ def _bucketed(rows: list[tuple[int, int, tuple, tuple]]) -> list[tuple[int, MoeT
 # sweep (M = 1, 4, 16, 64; 2026-11-28) won only at M = 1; from M = 4 on the unsplit tile was fastest.
 # Tile groups (group_n) were swept on the H200 on 2026-12-07 (NVFP4 at M = 16, 64, 256; bf16 at 4096,
 # 8192): pairs of GEMM2 N tiles won at 16 and 64; at 256 (32-row blocks) and for bf16 the one-tile
-# programs stayed fastest. The H100 has not been swept with groups.
+# programs stayed fastest. On the H100 (same day) pairs won GEMM2's sweep at 16 and 64 but the layer
+# was no faster than with one tile (146.3 / 213.8 vs 144.7 / 214.9 us), so its rows keep one tile.
 TUNED_MOE_CONFIGS: dict[tuple[str, str, int, int, int, int], list[tuple[int, MoeTileConfig]]] = {
     ("H200", "nvfp4", 128, 2816, 704, 8): _bucketed([
         (2, 16, (64, 64, 4, 4, 0, 4), (64, 64, 4, 4, 0)),  # split-K 4: GEMM1 17.0 vs 19.6 us at M=1

@@ -707,7 +707,7 @@ def _gemm2_store(acc, row_scale, out_rows, offs_n, valid, N, SWAP_AB: tl.constex
     tl.store(out_rows + offs_n[None, :], y.to(out_rows.dtype.element_ty), mask=valid[:, None] & (offs_n < N)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("M",))  # M is the token count (see moe_align_kernel)
 def dense_w4a16_kernel(
     x_ptr,
     w_ptr,
