@@ -8,7 +8,10 @@ H200 each concurrency-64 serving run had one 3.5-6 s gap between two tokens, and
 per 1.5x a power of two, up to the largest prefill batch, with every slot given back afterwards. The
 1.5x sizes matter: the MoE tile buckets end halfway between the powers of two they were tuned at
 (2048 < M <= 6144 is one bucket), and NVFP4 experts leave the in-loop decode at 4096 tokens, so
-prefills of 2049-4095 tokens run a path no power of two meets. `--skip-server-warmup` skips it.
+prefills of 2049-4095 tokens run a path no power of two meets. Sizes only cover what varies by size
+class: what Triton specialises on beyond that must not follow the token count, so batch tensors start
+16-byte aligned (schedule_batch.pack_to_device) and the MoE kernels do not specialise on pair counts.
+`--skip-server-warmup` skips it.
 """
 
 from __future__ import annotations
