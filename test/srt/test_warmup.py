@@ -95,26 +95,18 @@ def test_serving_after_startup_compiles_no_triton_kernel(tmp_path, caplog):
     meets: prompts of odd and even lengths, a prompt that extends a cached prefix, the same prompt
     again (bench_serving's warm-up request, then its first one), several prompts prefilled together.
     A variant compiled while serving stalls every running request, for seconds on an empty cache."""
-    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.model_executor.compile_watch import watch_late_compiles
-    from sglang.srt.sampling.sampling_params import SamplingParams
+    from test_scheduler import prompt, run_to_completion, submit
 
     path = write_checkpoint(tmp_path / "ck", "nvfp4-per-expert", seed=7)
     s = Scheduler(ServerArgs(model_path=str(path), dtype="bfloat16", device="cuda", max_total_tokens=16384, skip_tokenizer_init=True))
 
     def serve(prompts: dict[str, list[int]]) -> None:
         for rid, ids in prompts.items():
-            s.add_request(TokenizedGenerateReqInput(rid, ids, SamplingParams(max_new_tokens=5, temperature=0)))
-        done = set()
-        for _ in range(1000):
-            done |= {out.rid for out in s.step() if out.finished_reason is not None}
-            if s.is_idle():
-                break
-        assert done == set(prompts)
-
-    def prompt(i: int, n: int) -> list[int]:
-        return [(i * 13 + j * 5) % 90 + 3 for j in range(n)]
+            submit(s, rid, ids, max_new=5)
+        results = run_to_completion(s)
+        assert set(results) == set(prompts) and all(r["last"].finished_reason is not None for r in results.values())
 
     s.warmup()
     watch = watch_late_compiles()

@@ -4,8 +4,8 @@ Start-up compiles the kernel variants that CUDA-graph capture and the prefill wa
 (parallel_compile.py, warmup.py). A variant first met while serving (an integer argument that
 specialises differently, say a token count not divisible by 16, or a path warm-up missed) is
 compiled inside some request's step, and on an empty Triton cache that stalls every running request
-for up to seconds. Each such variant is logged once, with Triton's description of its
-specialisation and the time its compilation (or load from Triton's disk cache) took, so that the
+for up to seconds. Each such variant is logged once, with how Triton specialised each argument
+(`describe_variant`) and the time its compilation (or load from Triton's disk cache) took, so that the
 warm-up can be taught to cover it. Triton calls the hooks on a miss of its in-memory kernel cache
 only, so serving's hot path pays nothing.
 """
