@@ -1,0 +1,73 @@
+"""Instruction mix of the NVFP4 MoE GEMM kernels' K loop, from their sm_90 PTX (no GPU needed).
+
+    TRITON_INTERPRET=0 python benchmark/moe_loop_ptx.py [--gemm 1|2] [--block-n 64 --block-k 64 --warps 4 --stages 4]
+
+Compiles the grouped GEMM kernel at a tile of the tuned tables (default: M = 16-64's 64x64, 4 warps,
+4 stages, 16-token blocks) with the divisibility Triton sees at the real shapes (pointers and the
+strides / sizes of E=128 H=2816 I=704 are multiples of 16), then counts the PTX instructions of the
+innermost loop (one K step of one thread) and the sizes of its asynchronous copies. Lets a change to
+the decode or the loads be judged on the CPU before it is timed on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sglang.srt.layers.moe.fused_moe_triton import kernels
+
+_ROWS = dict(sorted_ids_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32", num_pairs="i32")
+_SIGNATURES = {
+    1: dict(x_ptr="*bf16", w_ptr="*i32", tbl_ptr="*u8", gs_ptr="*fp32", h_ptr="*bf16", ws_ptr="*fp32", **_ROWS,
+            top_k="i32", N="i32", K="i32", k_split="i32", stride_xm="i32", stride_we="i32", stride_wn="i32",
+            stride_hm="i32", stride_ws_split="i32", stride_ws_pair="i32"),
+    2: dict(h_ptr="*bf16", w_ptr="*i32", tbl_ptr="*u8", gs_ptr="*fp32", topk_w_ptr="*fp32", out_ptr="*bf16", **_ROWS,
+            N="i32", K="i32", stride_hm="i32", stride_we="i32", stride_wn="i32", stride_om="i32"),
+}  # fmt: skip
+_NOT_DIV16 = {"num_pairs", "top_k"}  # follow the token count / are small
+
+
+def loop_body(ptx: str) -> str:
+    """The PTX between the innermost loop's header label and its back branch."""
+    m = re.search(r"Inner Loop Header.*?\n(.*?)\n\s*@%p\d+ bra\s+\$L__BB\d+_\d+;", ptx, re.S)
+    if m is None:
+        raise ValueError("no loop found in the PTX")
+    return m.group(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gemm", type=int, choices=(1, 2), default=1)
+    ap.add_argument("--block-m", type=int, default=16)
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--block-k", type=int, default=64)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=4)
+    args = ap.parse_args()
+    sig = _SIGNATURES[args.gemm]
+    names = list(sig)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in _NOT_DIV16}
+    consts = dict(BM=args.block_m, BN=args.block_n, BK=args.block_k, W_FP4=True, SWAP_AB=args.block_m >= 64,
+                  GROUP_N=1, HAS_GS=True, PDL=True)  # fmt: skip
+    if args.gemm == 1:
+        consts.update(ACT=0, SPLIT_K=1, FUSE_ACT=True)
+    fn = kernels.moe_gemm1_kernel if args.gemm == 1 else kernels.moe_gemm2_kernel
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=args.warps, num_stages=args.stages))
+    body = loop_body(compiled.asm["ptx"])
+    ops = collections.Counter(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z]+(?:\.[a-z0-9]+)*)", body, re.M))
+    copies = collections.Counter(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", body))
+    print(f"GEMM{args.gemm} {consts} warps {args.warps} stages {args.stages}: shared memory {compiled.metadata.shared} B, "
+          f"{sum(ops.values())} PTX instructions per thread and K step")  # fmt: skip
+    print("async copies by size (bytes):", {int(k, 16): v for k, v in sorted(copies.items())})
+    for op, n in ops.most_common(20):
+        print(f"{n:5d}  {op}")
+
+
+if __name__ == "__main__":
+    main()
