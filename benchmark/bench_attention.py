@@ -300,30 +300,19 @@ def main() -> None:
 def aot_report() -> None:
     """Build each kernel for sm_90 with the JIT's usual specialisation (aligned pointers, strides
     divisible by 16) and print registers, stack (spills) and the count of key SASS instructions."""
-    import inspect
     import subprocess
     import tempfile
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from sglang.srt.layers.attention.triton_ops import decode_attention as D
     from sglang.srt.layers.attention.triton_ops import extend_attention as E
+    from sm90_build import build_sm90
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
     def build(fn, types: dict, consts: dict, warps: int, stages: int) -> str:
-        signature = inspect.signature(fn.fn).parameters
-        params = list(signature)
-        # constexprs not given keep their defaults (a runtime type would compile both branches)
-        consts = {**{n: p.default for n, p in signature.items()
-                     if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty}, **consts}  # fmt: skip
-        sig = {p: "constexpr" if p in consts else types.get(p, "i32") for p in params}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params)
-                 if p not in consts and (sig[p].startswith("*") or p.startswith("stride"))}  # fmt: skip
-        k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "num_stages": stages})  # fmt: skip
+        k = build_sm90(fn, types, consts, warps, stages)
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
             f.write(k.asm["cubin"])
         res = subprocess.run([f"{bindir}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout

@@ -15,21 +15,17 @@ import argparse
 import collections
 import re
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 from sglang.srt.layers.moe.fused_moe_triton import kernels
+from sm90_build import build_sm90
 
-_ROWS = dict(sorted_ids_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32", num_pairs="i32")
-_SIGNATURES = {
-    1: dict(x_ptr="*bf16", w_ptr="*i32", tbl_ptr="*u8", gs_ptr="*fp32", h_ptr="*bf16", ws_ptr="*fp32", **_ROWS,
-            top_k="i32", N="i32", K="i32", k_split="i32", stride_xm="i32", stride_we="i32", stride_wn="i32",
-            stride_hm="i32", stride_ws_split="i32", stride_ws_pair="i32"),
-    2: dict(h_ptr="*bf16", w_ptr="*i32", tbl_ptr="*u8", gs_ptr="*fp32", topk_w_ptr="*fp32", out_ptr="*bf16", **_ROWS,
-            N="i32", K="i32", stride_hm="i32", stride_we="i32", stride_wn="i32", stride_om="i32"),
-}  # fmt: skip
-_NOT_DIV16 = {"num_pairs", "top_k"}  # follow the token count / are small
+# Pointer types (the other runtime arguments are i32); at the real shapes the JIT also finds the
+# sizes and K slice below to be multiples of 16 (the token-dependent counts are not specialised).
+_POINTERS = {
+    1: dict(x_ptr="*bf16", w_ptr="*i32", tbl_ptr="*u8", gs_ptr="*fp32", h_ptr="*bf16", ws_ptr="*fp32"),
+    2: dict(h_ptr="*bf16", w_ptr="*i32", tbl_ptr="*u8", gs_ptr="*fp32", topk_w_ptr="*fp32", out_ptr="*bf16"),
+}
+_ROW_POINTERS = dict(sorted_ids_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32")
+_DIVISIBLE = ("N", "K", "k_split")
 
 
 def loop_body(ptx: str) -> str:
@@ -49,16 +45,13 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=4)
     args = ap.parse_args()
-    sig = _SIGNATURES[args.gemm]
-    names = list(sig)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in _NOT_DIV16}
     consts = dict(BM=args.block_m, BN=args.block_n, BK=args.block_k, W_FP4=True, SWAP_AB=args.block_m >= 64,
                   GROUP_N=1, HAS_GS=True, PDL=True)  # fmt: skip
     if args.gemm == 1:
         consts.update(ACT=0, SPLIT_K=1, FUSE_ACT=True)
     fn = kernels.moe_gemm1_kernel if args.gemm == 1 else kernels.moe_gemm2_kernel
-    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=args.warps, num_stages=args.stages))
+    types = {**_POINTERS[args.gemm], **_ROW_POINTERS}
+    compiled = build_sm90(fn, types, consts, args.warps, args.stages, _DIVISIBLE)
     body = loop_body(compiled.asm["ptx"])
     ops = collections.Counter(re.findall(r"^\s*(?:@!?%p\d+\s+)?([a-z]+(?:\.[a-z0-9]+)*)", body, re.M))
     copies = collections.Counter(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)", body))
