@@ -4,6 +4,7 @@ prefill, prefix reuse, admission control, retraction, abort, stop conditions, me
 from __future__ import annotations
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -193,6 +194,31 @@ def test_prefix_cache_reuses_kv_and_reports_cached_tokens():
     same = run_to_completion(s)["same"]
     assert same["last"].cached_tokens == 39 and same["ids"] == first["ids"]
     assert_pool_clean(s)
+
+
+def test_batch_log_lines(caplog):
+    """SGLang's log format: a line per prefill batch (new sequences and tokens, prefix hits, queue)
+    and one per --decode-log-interval decode steps with the generation rate."""
+    s = make_scheduler(decode_log_interval=4, max_running_requests=2)
+    base = prompt(8, 30)
+    submit(s, "a", base, max_new=9)
+    run_to_completion(s)
+    with caplog.at_level("INFO", logger="sglang.srt.managers.scheduler"):
+        for i, p in enumerate([base[:20] + [5, 6], prompt(9), prompt(10)]):
+            submit(s, f"r{i}", p, max_new=9)
+        run_to_completion(s)
+    lines = [r.getMessage() for r in caplog.records]
+    prefills = [m for m in lines if m.startswith("Prefill batch.")]
+    # Two rows are free: r0 (20 of 22 tokens cached) and r1 run, r2 waits for a row. The usage counts
+    # the slots held before the batch's own: r0's locked prefix.
+    usage = 20 / s.max_total_num_tokens
+    assert prefills[0] == (f"Prefill batch. #new-seq: 2, #new-token: 22, #cached-token: 20, token usage: {usage:.2f}, "
+                           "#running-req: 0, #queue-req: 1")  # fmt: skip
+    assert prefills[1].startswith("Prefill batch. #new-seq: 1, #new-token: 20, #cached-token: 0,")
+    decodes = [m for m in lines if m.startswith("Decode batch.")]
+    # 8 decode steps each for a, then r0 and r1 together, then r2: lines at steps 12, 16, 20, 24.
+    assert s.batch_log.decode_steps == 24 and len(decodes) == 4
+    assert all(re.search(r"gen throughput \(token/s\): \d+\.\d\d, #queue-req: \d$", m) for m in decodes)
 
 
 def test_disable_radix_cache():

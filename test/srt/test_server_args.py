@@ -156,6 +156,7 @@ def test_cli_is_generated_from_the_dataclass(nvfp4_ckpt):
         (["--tp-size", "2"], "tensor parallelism"),
         (["--port", "70000"], "port"),
         (["--chunked-prefill-size", "0"], "chunked-prefill-size"),
+        (["--decode-log-interval", "0"], "decode-log-interval must be positive"),
         (["--moe-runner-backend", "magic"], "invalid choice"),
         (["--device", "tpu"], "invalid choice"),
     ],

@@ -80,6 +80,7 @@ class ServerArgs:
     enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
     log_level: str = _opt("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
     log_requests: bool = _opt(False, "Log every request's inputs and outputs.")
+    decode_log_interval: int = _opt(40, "Log a decode batch line (running requests, tokens, generation rate) every this many decode steps.")
 
     def __post_init__(self):
         self._validate()
@@ -97,7 +98,8 @@ class ServerArgs:
             raise ValueError("--model-path is required")
         _check(self.tp_size == 1, f"--tp-size {self.tp_size}: tensor parallelism is not supported yet; use 1")
         _check(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
-        _positive(self, "context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs")
+        _positive(self, "context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs",
+                  "decode_log_interval")
         if self.mem_fraction_static is not None:
             _check(0.0 < self.mem_fraction_static < 1.0, f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
         if self.chunked_prefill_size is not None:

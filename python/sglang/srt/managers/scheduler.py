@@ -58,6 +58,7 @@ from sglang.srt.managers.io_struct import (
 )
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req, ScheduleBatch, write_req_to_token
 from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, SwaPolicy, order_waiting_queue
+from sglang.srt.managers.scheduler_log import SchedulerLog
 from sglang.srt.mem_cache.memory_pool import free_swa_outside_window
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -182,6 +183,7 @@ class Scheduler:
         self.ratio_decay = (self.new_token_ratio - self.min_new_token_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
         self.stats = {"num_retractions": 0, "prefill_computed_tokens_total": 0, "generation_tokens_total": 0, "cached_tokens_total": 0, "forward_steps": 0, "swa_reclaimed_total": 0}
         self._seed_counter = server_args.random_seed
+        self.batch_log = SchedulerLog(server_args.decode_log_interval)
         logger.info(
             "scheduler ready: max_total_num_tokens=%d max_running_requests=%d context_len=%d chunked_prefill_size=%s moe_top_k=%s",
             self.max_total_num_tokens, self.max_running_requests, self.context_len, self.chunked_prefill_size, self.moe_gemm_config.top_k,
@@ -422,9 +424,14 @@ class Scheduler:
             return None
         admitted = {id(r) for r in adder.can_run}
         self.waiting_queue = [r for r in self.waiting_queue if id(r) not in admitted]
+        first = [r for r in adder.can_run if r.is_first_admission]
         for req in adder.can_run:
             self._admit(req)
         self.chunked_req = adder.new_chunked_req
+        self.batch_log.prefill(
+            len(adder.can_run), sum(r.extend_len for r in adder.can_run), sum(r.cached_tokens for r in first),
+            self._token_usage(), len(self.running_reqs), len(self.waiting_queue),
+        )  # fmt: skip
         return ScheduleBatch(adder.can_run, ForwardMode.EXTEND)
 
     def _match_prefix(self, req: Req) -> None:
@@ -551,6 +558,11 @@ class Scheduler:
             self.stats["prefill_computed_tokens_total"] += sum(r.extend_len for r in batch.reqs if id(r) not in running)
         batch.commit()
         self.stats["forward_steps"] += 1
+        if batch.forward_mode.is_decode() and self.batch_log.count_decode():
+            self.batch_log.decode(
+                self.stats["generation_tokens_total"], len(batch.reqs), self.kv_used_tokens(), self._token_usage(),
+                len(self.waiting_queue),
+            )  # fmt: skip
         sample_reqs = [batch.reqs[i] for i in sample_rows]
         sampled = None
         if sample_reqs:
@@ -637,6 +649,9 @@ class Scheduler:
             )
         )
         req.sent_len = len(req.output_ids)
+
+    def _token_usage(self) -> float:
+        return self.kv_used_tokens() / self.max_total_num_tokens
 
     def kv_used_tokens(self) -> int:
         """Slots held by requests (not counting unlocked cache entries, which are reclaimable)."""
