@@ -11,6 +11,7 @@ prefills random prompts of `--input-len` tokens and times the decode graph repla
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -39,13 +40,17 @@ def recapture_and_replay(runner: ModelRunner, batch_sizes: list[int], input_len:
     return {bs: replay_ms(runner, bs, input_len) for bs in batch_sizes}
 
 
-def runner_for_batch_sizes(description: str, batch_sizes: list[int]) -> tuple[argparse.Namespace, ModelRunner]:
-    """Command line (--model-path, --batch-sizes, --input-len) and a runner on dummy weights whose
-    CUDA graphs cover every batch size asked for."""
+def runner_for_batch_sizes(
+    description: str, batch_sizes: list[int], add_args: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[argparse.Namespace, ModelRunner]:
+    """Command line (--model-path, --batch-sizes, --input-len, and what add_args adds) and a runner
+    on dummy weights whose CUDA graphs cover every batch size asked for."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model-path", default="nvidia/Gemma-4-26B-A4B-NVFP4")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=batch_sizes)
     parser.add_argument("--input-len", type=int, default=1000)
+    if add_args:
+        add_args(parser)
     args = parser.parse_args()
     max_bs = max(args.batch_sizes)
     server_args = ServerArgs(model_path=args.model_path, load_format="dummy", cuda_graph_max_bs=max_bs,

@@ -92,13 +92,15 @@ SPLIT_K_MAX_M = 64
 GEMV_MAX_M = 8
 GEMV1_TILES = {
     "bf16": [(bn, bk, w, s) for bn in (16, 32) for bk in (128, 256, 512) for w in (2, 4, 8) for s in (1, 3)],
-    # NVFP4 steps load one step ahead by hand (Triton does not pipeline them): no stage sweep.
-    "nvfp4": [(bn, bk, w, 1) for bn in (8, 16, 32) for bk in (64, 128, 256, 512, 1024) for w in (1, 2, 4, 8)],
+    # NVFP4: the 4th field is the steps loaded ahead by hand (Triton does not pipeline these loads).
+    "nvfp4": [(bn, bk, w, s) for bn in (8, 16, 32) for bk in (64, 128, 256, 512, 1024) for w in (1, 2, 4, 8)
+              for s in (1, 2, 3) if s == 1 or bk <= 512],
 }
 GEMV2_TILES = {
     "bf16": [(bn, bk, w, s) for bn in (16, 32, 64) for bk in (64, 128, 256) for w in (2, 4, 8) for s in (1, 3)],
     # K = 704: a 1024-wide step would be narrowed to 512 (moe_gemv._launch), a duplicate.
-    "nvfp4": [(bn, bk, w, 1) for bn in (8, 16, 32) for bk in (64, 128, 256, 512) for w in (1, 2, 4, 8)],
+    "nvfp4": [(bn, bk, w, s) for bn in (8, 16, 32) for bk in (64, 128, 256, 512) for w in (1, 2, 4, 8)
+              for s in (1, 2, 3) if s == 1 or bk <= 256],
 }
 
 

@@ -377,10 +377,11 @@ def test_softcap_logits(dtype):
 
 
 @pytest.mark.parametrize("n, k", [(37, 100), (130, 2112), (9, 64)])
-@pytest.mark.parametrize("config", [None, (4, 64, 4, 2), (8, 128, 4, 3)])
+@pytest.mark.parametrize("config", [None, (4, 64, 4, 2), (8, 128, 4, 3), (8, 32, 2, 3)])
 def test_gemv_single_row(n, k, config):
     """The batch-1 dense GEMV through the linear layers' dispatch (one bf16 row), with the shape's
-    default tiles and with forced ones (K multiple of the block or not, N not a multiple)."""
+    default tiles and with forced ones (K multiple of the block or not, N not a multiple; 2 and 3
+    steps in flight, also with fewer steps than that)."""
     from sglang.srt.layers.linear import dense_linear
     from sglang.srt.layers.triton_ops.gemv import gemv
 
@@ -410,6 +411,13 @@ def test_gemv_gelu_tanh_and_mul(inter, k, config):
     with fused_ops(True):  # the fused launch is what the MLP takes for one row, and only there
         assert mlp.gate_up_proj.forward_gelu_tanh_and_mul(x) is not None
         assert mlp.gate_up_proj.forward_gelu_tanh_and_mul(x.repeat(2, 1)) is None
+
+
+def test_gemv_rejects_bad_stages():
+    from sglang.srt.layers.triton_ops.gemv import gemv
+
+    with pytest.raises(ValueError, match="stages"):
+        gemv(torch.randn(1, 64, device=DEV).bfloat16(), torch.randn(8, 64, device=DEV).bfloat16(), (4, 64, 4, 4))
 
 
 def test_gemv_is_used_only_where_it_applies():
@@ -532,8 +540,9 @@ def _compile_for_sm90() -> None:
     )  # fmt: skip
     compile_one(router_topk._router_topk_kernel, topk, {"HAS_SCALE": True, "TOP_K": 8, "BLOCK_E": 128, "BLOCK_K": 8, "PDL": True}, 1)
     gemv_args = dict(x_ptr=bf, w_ptr=bf, y_ptr=bf, N=i32, K=i32, stride_wn=i32)
-    for block_n, block_k, gated, pdl in ((8, 256, False, True), (4, 1024, False, False), (8, 1024, True, True)):
-        consts = {"BLOCK_N": block_n, "BLOCK_K": block_k, "EVEN_K": False, "GATED": gated, "PDL": pdl}
+    tiles = ((8, 256, False, True, 3), (4, 1024, False, False, 1), (8, 1024, True, True, 2))
+    for block_n, block_k, gated, pdl, stages in tiles:
+        consts = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=False, GATED=gated, PDL=pdl, STAGES=stages)
         compile_one(gemv._gemv_kernel, gemv_args, consts, 4)
 
 

@@ -308,10 +308,11 @@ def _compile_split_k_for_sm90() -> None:
                  N=i32, K=i32, stride_xm=i32, **strides, stride_hm=i32)  # fmt: skip
     gemv2 = dict(h_ptr="*bf16", w_ptr=ptr, gs_ptr="*fp32", topk_ids_ptr=ptr, topk_w_ptr="*fp32",
                  out_ptr="*bf16", N=i32, K=i32, stride_hm=i32, **strides, stride_om=i32)  # fmt: skip
-    for even in (True, False):
-        compile_one(moe_gemv.moe_gemv1_kernel, gemv1, dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=even, PDL=True), 4, 3)
-        # GEMM2 reads the expert id and first weight tile before its wait (see moe_gemv2_kernel).
-        consts = dict(BN=32, BK=128, W_FP4=True, HAS_GS=True, EVEN_K=even, PDL=True)
+    for even, depth in ((True, 1), (False, 3)):
+        consts = dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=even, PDL=True, DEPTH=depth)
+        compile_one(moe_gemv.moe_gemv1_kernel, gemv1, consts, 4, 1)
+        # GEMM2 reads the expert id and its first DEPTH weight tiles before its wait (moe_gemv2_kernel).
+        consts = dict(BN=32, BK=128, W_FP4=True, HAS_GS=True, EVEN_K=even, PDL=True, DEPTH=4 - depth)
         compile_for_sm90(moe_gemv.moe_gemv2_kernel, gemv2, consts, ("w_ptr", "topk_ids_ptr"), num_warps=4, num_stages=1)
 
     # Ampere (sm_80): the FP4 decode's PTX must assemble there too (no PDL below sm_90).
@@ -319,9 +320,9 @@ def _compile_split_k_for_sm90() -> None:
         consts = dict(BM=16, BN=64, BK=64, W_FP4=True, ACT=0, SWAP_AB=swap, SPLIT_K=1, GROUP_N=1, FUSE_ACT=True,
                       HAS_GS=True, PDL=False)  # fmt: skip
         compile_for_sm90(kernels.moe_gemm1_kernel, gemm1, consts, arch=80, num_warps=4, num_stages=4)
-    consts = dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=True, PDL=False)
+    consts = dict(BN=16, BK=256, W_FP4=True, ACT=0, HAS_GS=True, EVEN_K=True, PDL=False, DEPTH=2)
     compile_for_sm90(moe_gemv.moe_gemv1_kernel, gemv1, consts, arch=80, num_warps=4, num_stages=1)
-    consts = dict(BN=32, BK=256, W_FP4=True, HAS_GS=True, EVEN_K=False, PDL=False)
+    consts = dict(BN=32, BK=256, W_FP4=True, HAS_GS=True, EVEN_K=False, PDL=False, DEPTH=1)
     compile_for_sm90(moe_gemv.moe_gemv2_kernel, gemv2, consts, arch=80, num_warps=4, num_stages=1)
 
 
@@ -415,14 +416,15 @@ def test_nvfp4_linear(m, n, k):
 
 # Per-pair GEMV path, (E, H, I, M, top_k, skewed, act, tiles): I not a multiple of block_n, H and I
 # with and without a K tail (FP4 rows padded to 64), top-k 1 (pair rows are the output rows), a
-# skewed routing where one expert serves several pairs.
+# skewed routing where one expert serves several pairs. A tile's 4th field is num_stages: for NVFP4
+# the steps loaded ahead (1-3), so each depth meets loops shorter and longer than itself.
 _GEMV_CASES = [
-    (5, 128, 48, 2, 3, True, "gelu_pytorch_tanh", ((32, 64, 4), (16, 64, 2))),
-    (6, 192, 80, 3, 1, False, "silu", ((16, 128, 4), (32, 128, 4))),
-    (9, 64, 32, 1, 8, True, "gelu_pytorch_tanh", ((16, 64, 2), (16, 64, 2))),
+    (5, 128, 48, 2, 3, True, "gelu_pytorch_tanh", ((32, 64, 4, 3), (16, 64, 2, 1))),
+    (6, 192, 80, 3, 1, False, "silu", ((16, 128, 4, 2), (32, 128, 4, 3))),
+    (9, 64, 32, 1, 8, True, "gelu_pytorch_tanh", ((16, 64, 2, 1), (16, 64, 2, 2))),
     # K not a whole number of steps: the last FP4 step moves back (H = 5 blocks of 64 at 4 a step);
     # a step wider than all of K (I = 176: 3 blocks) is narrowed to fit.
-    (5, 320, 176, 2, 2, False, "gelu_pytorch_tanh", ((16, 256, 4), (16, 512, 2))),
+    (5, 320, 176, 2, 2, False, "gelu_pytorch_tanh", ((16, 256, 4, 3), (16, 512, 2, 2))),
 ]
 
 
@@ -495,6 +497,9 @@ def test_moe_gemv_rejects_bad_fp4_tiles():
     bad = MoeGemvConfig(1, GemvTile(16, 96, 4), GemvTile(16, 64, 4))
     with pytest.raises(ValueError, match="block_k"):
         run_triton(layer, torch.randn(1, 64, device=DEV).bfloat16(), topk, "nvfp4", bad)
+    too_deep = MoeGemvConfig(1, GemvTile(16, 64, 4, 4), GemvTile(16, 64, 4))
+    with pytest.raises(ValueError, match="num_stages 4"):
+        run_triton(layer, torch.randn(1, 64, device=DEV).bfloat16(), topk, "nvfp4", too_deep)
 
 
 # ---------------------------------------------------------------- GPU only, real and awkward shapes

@@ -47,7 +47,9 @@ class MoeTileConfig:
 
 @dataclass(frozen=True)
 class GemvTile:
-    """One program: block_n output columns of one (token, slot) pair, block_k of K per step."""
+    """One program: block_n output columns of one (token, slot) pair, block_k of K per step.
+    num_stages: Triton's pipeline stages for bf16 weights; for NVFP4 the number of steps (1-3) whose
+    tiles are loaded ahead of the one being multiplied (moe_gemv._fp4_gemv)."""
 
     block_n: int
     block_k: int

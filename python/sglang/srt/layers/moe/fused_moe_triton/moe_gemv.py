@@ -104,39 +104,60 @@ def _fp4_mac(acc, words, scales, x0, x1, x2, x3, x4, x5, x6, x7):
 
 
 @triton.jit
+def _fp4_load_ab(a_w, a_s, b_w, b_s, k0, TWO: tl.constexpr):
+    """One step's tiles of row sets a and b (b = a without TWO)."""
+    aw, as_ = _fp4_load(a_w, a_s, k0)
+    bw, bs = aw, as_
+    if TWO:
+        bw, bs = _fp4_load(b_w, b_s, k0)
+    return aw, as_, bw, bs
+
+
+@triton.jit
 def _fp4_gemv(
     x_row, a_rows, a_srows, b_rows, b_srows, K,
     BN: tl.constexpr, NB: tl.constexpr, EVEN_K: tl.constexpr, TWO: tl.constexpr, PDL_AFTER_FIRST: tl.constexpr,
+    DEPTH: tl.constexpr = 1,
 ):  # fmt: skip
     """Unscaled row sums (W_a x, W_b x) [BN] for FP4 row sets a and, with TWO, b (GEMM1's gate and
-    up, sharing each step's x); without TWO the second is zero. The next step's tiles are loaded
-    before this step's math, so their latency overlaps it (Triton's pipeliner leaves loads that do
-    not feed a dot synchronous; the register moves ending each step still wait for them).
+    up, sharing each step's x); without TWO the second is zero. The tiles of the next DEPTH (1-3)
+    steps are in flight while a step multiplies (Triton's pipeliner leaves loads that do not feed a
+    dot synchronous, so this is done by hand): with a few programs per SM, as at one token, a step's
+    math is shorter than a memory round trip and the loop runs at one round trip per DEPTH steps.
     Weight loads carry no mask: every step's tile lies inside the K blocks (NB <= their count, see
     `_launch`); when K is not a whole number of steps the last one moves back to end at the last
-    block and zeroes x where the step before it already went (a re-read of L1/L2-resident tiles).
+    block and zeroes x where the step before it already went (a re-read of L1/L2-resident tiles);
+    loads past the last step re-read it too.
     PDL_AFTER_FIRST: wait for the previous kernel (x) only once the first tiles are on their way."""
     a_w, a_s = _fp4_tile_ptrs(a_rows, a_srows, NB)
     b_w, b_s = _fp4_tile_ptrs(b_rows, b_srows, NB)
     acc_a = tl.zeros((BN, NB, 8), dtype=tl.float32)
     acc_b = tl.zeros((BN, NB, 8), dtype=tl.float32)
+    step = 64 * NB
     last = (tl.cdiv(K, 64) - NB) * 64  # where the last step starts
-    aw, as_ = _fp4_load(a_w, a_s, 0)
-    bw, bs = aw, as_
-    if TWO:
-        bw, bs = _fp4_load(b_w, b_s, 0)
+    aw, as_, bw, bs = _fp4_load_ab(a_w, a_s, b_w, b_s, 0, TWO)
+    aw1, as1, bw1, bs1 = aw, as_, bw, bs
+    aw2, as2, bw2, bs2 = aw, as_, bw, bs
+    if DEPTH >= 2:
+        aw1, as1, bw1, bs1 = _fp4_load_ab(a_w, a_s, b_w, b_s, tl.minimum(step, last), TWO)
+    if DEPTH >= 3:
+        aw2, as2, bw2, bs2 = _fp4_load_ab(a_w, a_s, b_w, b_s, tl.minimum(2 * step, last), TWO)
     pdl_start(PDL_AFTER_FIRST)
-    for k0 in range(0, K, 64 * NB):
-        k1 = tl.minimum(k0 + 64 * NB, last)  # after the last step it re-reads its own tile
-        naw, nas = _fp4_load(a_w, a_s, k1)
-        nbw, nbs = naw, nas
-        if TWO:
-            nbw, nbs = _fp4_load(b_w, b_s, k1)
+    for k0 in range(0, K, step):
+        naw, nas, nbw, nbs = _fp4_load_ab(a_w, a_s, b_w, b_s, tl.minimum(k0 + DEPTH * step, last), TWO)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_row, tl.minimum(k0, last), k0, K, NB, EVEN_K)
         acc_a = _fp4_mac(acc_a, aw, as_, x0, x1, x2, x3, x4, x5, x6, x7)
         if TWO:
             acc_b = _fp4_mac(acc_b, bw, bs, x0, x1, x2, x3, x4, x5, x6, x7)
-        aw, as_, bw, bs = naw, nas, nbw, nbs
+        if DEPTH == 1:
+            aw, as_, bw, bs = naw, nas, nbw, nbs
+        elif DEPTH == 2:
+            aw, as_, bw, bs = aw1, as1, bw1, bs1
+            aw1, as1, bw1, bs1 = naw, nas, nbw, nbs
+        else:
+            aw, as_, bw, bs = aw1, as1, bw1, bs1
+            aw1, as1, bw1, bs1 = aw2, as2, bw2, bs2
+            aw2, as2, bw2, bs2 = naw, nas, nbw, nbs
     return tl.sum(tl.sum(acc_a, 2), 1), tl.sum(tl.sum(acc_b, 2), 1)
 
 
@@ -164,7 +185,7 @@ def moe_gemv1_kernel(
     x_ptr, w_ptr, gs_ptr, topk_ids_ptr, h_ptr, top_k, N, K,
     stride_xm, stride_we, stride_wn, stride_hm,
     BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, ACT: tl.constexpr, HAS_GS: tl.constexpr,
-    EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
 ):  # fmt: skip
     """h[pair, n] = act(gs_gate * x W_gate^T) * (gs_up * x W_up^T) for N columns [BN) of one pair;
     w is [E, 2N, K] bf16 or FP4 blocks, gate rows [0, N), up rows [N, 2N) (as moe_gemm1_kernel)."""
@@ -176,7 +197,7 @@ def moe_gemv1_kernel(
     gate_w, gate_s = _gemv_rows(w_ptr, expert, offs_n, N, 0, stride_we, stride_wn, W_FP4)
     up_w, up_s = _gemv_rows(w_ptr, expert, offs_n, N, N, stride_we, stride_wn, W_FP4)
     if W_FP4:
-        g, u = _fp4_gemv(x_row, gate_w, gate_s, up_w, up_s, K, BN, BK // 64, EVEN_K, True, False)
+        g, u = _fp4_gemv(x_row, gate_w, gate_s, up_w, up_s, K, BN, BK // 64, EVEN_K, True, False, DEPTH)
     else:
         acc_g = tl.zeros((BN, BK), dtype=tl.float32)
         acc_u = tl.zeros((BN, BK), dtype=tl.float32)
@@ -195,11 +216,11 @@ def moe_gemv2_kernel(
     h_ptr, w_ptr, gs_ptr, topk_ids_ptr, topk_w_ptr, out_ptr, N, K,
     stride_hm, stride_we, stride_wn, stride_om,
     BN: tl.constexpr, BK: tl.constexpr, W_FP4: tl.constexpr, HAS_GS: tl.constexpr, EVEN_K: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, DEPTH: tl.constexpr = 1,
 ):  # fmt: skip
     """out[pair, n] = topk_w[pair] * gs_down * (h[pair] @ W_down^T)[n] for N columns [BN) of one pair.
 
-    Under PDL the FP4 path reads the expert id and its first weight tile before waiting for h: this
+    Under PDL the FP4 path reads the expert id and its first DEPTH weight tiles before waiting for h: this
     kernel follows GEMM1, which let it launch only after waiting for its own predecessor, so
     topk_ids (written before GEMM1) is complete, and no kernel writes the weights."""
     if not W_FP4:
@@ -210,7 +231,7 @@ def moe_gemv2_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     w_rows, s_rows = _gemv_rows(w_ptr, expert, offs_n, N, 0, stride_we, stride_wn, W_FP4)
     if W_FP4:
-        y, _ = _fp4_gemv(h_row, w_rows, s_rows, w_rows, s_rows, K, BN, BK // 64, EVEN_K, False, PDL)
+        y, _ = _fp4_gemv(h_row, w_rows, s_rows, w_rows, s_rows, K, BN, BK // 64, EVEN_K, False, PDL, DEPTH)
     else:
         acc = tl.zeros((BN, BK), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -226,14 +247,19 @@ def moe_gemv2_kernel(
 
 
 def _launch(t: GemvTile, w_fp4: bool, k: int, device: torch.device) -> dict:
-    block_k = t.block_k
+    block_k, stages = t.block_k, t.num_stages
+    extra = {}
     if w_fp4:
         if block_k % 64 or block_k & (block_k - 1):
             raise ValueError(f"NVFP4 GEMV tiles step over a power of two of whole 64-K blocks; got block_k {block_k}")
+        if not 1 <= stages <= 3:
+            raise ValueError(f"NVFP4 GEMV tiles load 1-3 steps ahead (num_stages); got num_stages {stages}")
         while block_k > 64 and block_k > triton.cdiv(k, 64) * 64:
             block_k //= 2  # a step never reaches past the last block (its loads have no mask)
-    return dict(BN=t.block_n, BK=block_k, EVEN_K=k % block_k == 0, num_warps=t.num_warps, num_stages=t.num_stages,
-                **pdl_launch(device))
+        # The steps ahead are loaded by hand (_fp4_gemv); Triton's pipeliner has nothing to do.
+        extra, stages = dict(DEPTH=stages), 1
+    return dict(BN=t.block_n, BK=block_k, EVEN_K=k % block_k == 0, num_warps=t.num_warps, num_stages=stages,
+                **extra, **pdl_launch(device))
 
 
 def moe_gemv1(x: torch.Tensor, w, topk_ids: torch.Tensor, act: int, t: GemvTile) -> torch.Tensor:
