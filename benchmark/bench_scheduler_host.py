@@ -72,7 +72,7 @@ def spin_cycles_per_us() -> float:
 
 def decode_step_times(device: str, batch: int, input_len: int, steps: int, vocab: int, gpu_cycles: int = 0, overlap: bool = False) -> list[float]:
     args = {f.name: f.default for f in dataclasses.fields(ServerArgs) if f.default is not dataclasses.MISSING}
-    args.update(model_path="stub", chunked_prefill_size=-1, skip_tokenizer_init=True, max_prefill_tokens=1 << 30)
+    args.update(model_path="stub", chunked_prefill_size=-1, skip_tokenizer_init=True, max_prefill_tokens=1 << 30, random_seed=0)
     args.update(disable_overlap_schedule=not overlap)
     runner = StubModelRunner(device, batch, input_len + steps + 64, window=min(1024, input_len), vocab=vocab, gpu_cycles=gpu_cycles)
     sched = Scheduler(SimpleNamespace(**args), model_runner=runner)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("overlap_mode")
 def make_args(**overrides) -> SimpleNamespace:
     """ServerArgs' defaults without reading a model (the scheduler only reads these fields)."""
     args = {f.name: f.default for f in dataclasses.fields(ServerArgs) if f.default is not dataclasses.MISSING}
-    args.update(model_path="fake", chunked_prefill_size=-1, skip_tokenizer_init=True)
+    args.update(model_path="fake", chunked_prefill_size=-1, skip_tokenizer_init=True, random_seed=0)
     args.update(overrides)
     return SimpleNamespace(**args)
 

@@ -258,7 +258,6 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [10**9]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5000}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 5000}]}),
-    ("/v1/completions", {"prompt": "hi", "echo": True}),
     ("/v1/completions", {"prompt": ""}),
     ("/v1/completions", {"prompt": []}),
     ("/v1/completions", {"prompt": "hi", "logprobs": 50}),

@@ -14,8 +14,10 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+import random
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sglang.srt import utils
 
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 GEMMA4_ARCHITECTURES = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton", "flashinfer_trtllm")
 ATTENTION_BACKENDS = ("torch_native", "triton")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # SGLang's spellings
 
 
 def _opt(default, help: str, choices=None, aliases=(), **kw):
@@ -39,12 +42,16 @@ class ServerArgs:
     revision: str | None = _opt(None, "Hub revision of the model.")
     download_dir: str | None = _opt(None, "Cache dir for hub downloads.")
     load_format: str = _opt("auto", "Weight format; dummy = random weights of the real shapes.", ("auto", "safetensors", "dummy"))
-    dtype: str = _opt("auto", "Activation/weight dtype of the non-quantized parts.", ("auto", "bfloat16", "float16", "float32"))
+    dtype: str = _opt(
+        "auto", "Activation/weight dtype of the non-quantized parts (half = float16, float = float32).",
+        ("auto", "bfloat16", "float16", "float32", *DTYPE_ALIASES),
+    )  # fmt: skip
     quantization: str | None = _opt(None, "Weight quantization (default: detected from the checkpoint).", ("modelopt_fp4",))
     device: str | None = _opt(None, "cuda or cpu (default: cuda when available).", ("cuda", "cpu"))
     context_length: int | None = _opt(None, "Max tokens per request, prompt + output (default: the model's).")
     skip_tokenizer_init: bool = _opt(False, "Do not load a tokenizer; requests must carry input_ids.")
-    chat_template: str | None = _opt(None, "Jinja chat template file or string overriding the tokenizer's.")
+    trust_remote_code: bool = _opt(False, "Let the tokenizer run custom code shipped with the checkpoint.")
+    chat_template: str | None = _opt(None, "Jinja chat template file, or an inline Jinja template, overriding the tokenizer's.")
     # Memory and scheduling
     mem_fraction_static: float | None = _opt(None, "Fraction of GPU memory for weights + KV pool.")
     max_total_tokens: int | None = _opt(None, "KV pool size in tokens (overrides --mem-fraction-static).")
@@ -62,6 +69,7 @@ class ServerArgs:
     )
     swa_full_tokens_ratio: float = _opt(0.8, "Sliding-window layers' KV pool size as a fraction of the full layers' pool (tokens).")
     disable_hybrid_swa_memory: bool = _opt(False, "One KV pool for all layers (sliding layers keep every token's KV).")
+    page_size: int = _opt(1, "Tokens per KV page; the KV pool allocates one token slot at a time, so only 1.")
     # Kernels
     attention_backend: str | None = _opt(None, "Attention kernels (default: torch_native on CPU).", ATTENTION_BACKENDS)
     moe_runner_backend: str = _opt("auto", "MoE expert kernels.", MOE_RUNNER_BACKENDS)
@@ -70,8 +78,11 @@ class ServerArgs:
     skip_server_warmup: bool = _opt(False, "Start serving without first compiling the prefill kernels (the first prefills of each size class then compile them, stalling running requests).")
     disable_overlap_schedule: bool = _opt(False, "Finish each step before scheduling the next (on CUDA the next decode is launched while the previous one's results are processed).")
     enable_mixed_chunk: bool = _opt(False, "Run the running requests' decode tokens in the same step as a prefill chunk, so a prefill no longer stalls them.")
-    tp_size: int = _opt(1, "Tensor parallel size.")
-    random_seed: int = _opt(0, "Seed for weights of --load-format dummy and for unseeded sampling.")
+    enable_torch_compile: bool = _opt(False, "Accepted for SGLang compatibility; no effect (decode runs Triton kernels under CUDA graphs).")
+    tp_size: int = _opt(1, "Tensor parallel size.", aliases=("--tensor-parallel-size",))
+    dp_size: int = _opt(1, "Data parallel size (only 1).", aliases=("--data-parallel-size",))
+    random_seed: int | None = _opt(None, "Seed for unseeded sampling (default: random at start-up, as in SGLang).")
+    dummy_weight_seed: int | None = _opt(None, "Seed of the --load-format dummy weights (default: --random-seed when given, else 0, so that runs compare on the same weights).")
     # HTTP server
     host: str = _opt("127.0.0.1", "HTTP host.")
     port: int = _opt(30000, "HTTP port.")
@@ -97,6 +108,13 @@ class ServerArgs:
         if not self.model_path:
             raise ValueError("--model-path is required")
         _check(self.tp_size == 1, f"--tp-size {self.tp_size}: tensor parallelism is not supported yet; use 1")
+        _check(self.dp_size == 1, f"--dp-size {self.dp_size}: data parallelism is not supported; use 1")
+        _check(
+            self.page_size == 1,
+            f"--page-size {self.page_size}: the KV pool allocates one token slot at a time (page size 1); use 1",
+        )
+        if self.chat_template:
+            read_chat_template(self.chat_template)
         _check(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         _positive(self, "context_length", "max_total_tokens", "max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs",
                   "decode_log_interval")
@@ -137,6 +155,16 @@ class ServerArgs:
             self.cuda_graph_max_bs = 160
         if not on_gpu:
             self.disable_cuda_graph = True
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if self.dummy_weight_seed is None:
+            self.dummy_weight_seed = 0 if self.random_seed is None else self.random_seed
+        if self.random_seed is None:
+            self.random_seed = random.SystemRandom().randrange(2**31)
+        if self.enable_torch_compile:
+            logger.warning(
+                "--enable-torch-compile has no effect here: this runtime does not use torch.compile "
+                "(decode runs Triton kernels under CUDA graphs)"
+            )
 
     def _handle_model_specific_adjustments(self) -> None:
         """Resolve `auto` backends from the model's architecture, its quantization and the GPU."""
@@ -201,6 +229,23 @@ def prepare_server_args(argv: list[str]) -> ServerArgs:
         parser.error(str(e))
 
 
+def read_chat_template(value: str) -> str:
+    """The Jinja text of --chat-template: a file's contents, or the value itself if it is Jinja."""
+    path = Path(value)
+    if os.path.isfile(value):  # False, not OSError, for an inline template longer than a file name may be
+        _check(
+            path.suffix != ".json",
+            f"--chat-template {value}: SGLang's JSON conversation templates are not supported here; use a Jinja template file",
+        )
+        return path.read_text()
+    _check(
+        "{{" in value or "{%" in value,
+        f"--chat-template {value!r} is neither an existing file nor a Jinja template "
+        "(built-in template names such as SGLang's 'chatml' are not supported; pass a Jinja file)",
+    )
+    return value
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -240,7 +285,7 @@ def _read_model_info(args: ServerArgs) -> tuple[list[str], str | None] | None:
     try:
         config = ModelConfig(
             args.model_path, revision=args.revision, quantization=args.quantization,
-            download_dir=args.download_dir, load_format=args.load_format,
+            download_dir=args.download_dir, load_format=args.load_format, context_length=args.context_length,
         )  # fmt: skip
     except (FileNotFoundError, RuntimeError, OSError) as e:
         logger.warning("could not read the model config of %s (%s); backends resolve without it", args.model_path, e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,7 +207,16 @@ class ModelConfig:
         if requested <= 0:
             raise ValueError(f"context_length must be positive, got {requested}")
         if requested > native:
-            logger.warning("context_length %d exceeds the model's max_position_embeddings %d", requested, native)
+            # SGLang's rule: a longer context than the model was trained for only on explicit request.
+            if os.environ.get("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN") != "1":
+                raise ValueError(
+                    f"--context-length {requested} is longer than the model's max_position_embeddings {native}; "
+                    "set SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 to use it anyway (outputs may be wrong)"
+                )
+            logger.warning(
+                "context_length %d exceeds the model's max_position_embeddings %d; used because "
+                "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1", requested, native,
+            )  # fmt: skip
         return requested
 
     # Convenience views used across the runtime.

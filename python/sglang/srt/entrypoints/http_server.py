@@ -14,11 +14,13 @@ import sys
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sglang import __version__
 from sglang.srt.entrypoints.openai.serving_base import (
     SSE_DONE,
     OpenAIError,
+    drop_neutral,
     error_from_abort,
     gather_all,
     now,
@@ -36,6 +38,16 @@ from sglang.srt.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "return_logprob", "top_logprobs_num", "rid"}
+# SGLang's other GenerateReqInput fields, passed at the values that turn them off (upstream
+# bench_serving sends `lora_path: null, logprob_start_len: -1` on every request); other values are a
+# 400. Logprob entries always carry the token text, so return_text_in_logprobs may be either.
+NEUTRAL_GENERATE_FIELDS = {
+    "lora_path": (), "logprob_start_len": (-1,), "return_text_in_logprobs": (True, False), "image_data": (),
+    "video_data": (), "audio_data": (), "modalities": ([],), "custom_logit_processor": (),
+    "return_hidden_states": (False,), "return_routed_experts": (False,), "session_params": (),
+    "data_parallel_rank": (), "bootstrap_host": (), "bootstrap_port": (), "bootstrap_room": (),
+    "log_metrics": (True, False),
+}  # fmt: skip
 HEALTH_GENERATE_TIMEOUT_S = 20
 
 
@@ -46,6 +58,11 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request: Request, e: OpenAIError):
         return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException):
+        # Unknown routes (404) and wrong methods (405) answer in the OpenAI error shape too.
+        return OpenAIError(str(e.detail), status_code=e.status_code).response()
 
     @app.exception_handler(SchedulerDeadError)
     async def _dead(_request: Request, e: SchedulerDeadError):
@@ -70,6 +87,7 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
         return Response(status_code=200)
 
     @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang's newer name
     async def get_model_info():
         info = tm.scheduler_info
         return {
@@ -85,9 +103,13 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
         }
 
     @app.get("/get_server_info")
+    @app.get("/server_info")
     async def get_server_info():
+        # As SGLang: the arguments, then what the scheduler resolved (e.g. max_running_requests) on top;
+        # model_path stays as given (the scheduler's is the resolved directory).
         args = {k: v for k, v in dataclasses.asdict(server_args).items() if k != "api_key"}
-        return {**args, "version": __version__, "internal_states": [await tm.get_internal_state()]}
+        resolved = {k: v for k, v in tm.scheduler_info.items() if k != "model_path"}
+        return {**args, **resolved, "version": __version__, "internal_states": [await tm.get_internal_state()]}
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
@@ -101,10 +123,19 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
         state = None if tm.dead_reason else await tm.get_internal_state()
         return PlainTextResponse(tm.metrics.render(state), media_type="text/plain; version=0.0.4")
 
+    def model_card() -> dict:
+        return {"id": server_args.served_model_name, "object": "model", "created": now(), "owned_by": "sglang",
+                "root": server_args.model_path, "max_model_len": tm.context_len}  # fmt: skip
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": server_args.served_model_name, "object": "model", "created": now(), "owned_by": "sglang", "root": server_args.model_path, "max_model_len": tm.context_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str):
+        if model_id != server_args.served_model_name:
+            raise OpenAIError(f"The model '{model_id}' does not exist", status_code=404, param="model")
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -132,7 +163,7 @@ def _add_api_key_middleware(app: FastAPI, api_key: str) -> None:
 
 
 async def _native_generate(tm: TokenizerManager, request: Request):
-    body = await read_json_body(request)
+    body = drop_neutral(await read_json_body(request), NEUTRAL_GENERATE_FIELDS)
     unknown = sorted(set(body) - GENERATE_FIELDS)
     if unknown:
         raise OpenAIError(f"Unsupported field(s) for /generate: {', '.join(unknown)}", param=unknown[0])

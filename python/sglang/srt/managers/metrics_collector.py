@@ -52,6 +52,7 @@ class MetricsCollector:
         self.num_aborted_requests_total = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
+        self.tpot = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
 
     def observe_tokens(self, num_new: int, since_created: float, since_last: float | None) -> None:
@@ -66,7 +67,10 @@ class MetricsCollector:
         else:
             self.itl.observe(since_last / num_new, num_new)
 
-    def observe_finished(self, prompt_tokens: int, cached_tokens: int, e2e: float, aborted: bool) -> None:
+    def observe_finished(self, prompt_tokens: int, cached_tokens: int, e2e: float, aborted: bool, tpot: float | None = None) -> None:
+        """tpot: the request's time per output token after the first (None with fewer than two)."""
+        if tpot is not None:
+            self.tpot.observe(tpot)
         self.num_requests_total += 1
         self.num_aborted_requests_total += aborted
         self.prompt_tokens_total += prompt_tokens
@@ -93,7 +97,11 @@ class MetricsCollector:
             metric("gauge", "sglang:kv_cached_tokens", scheduler_state["kv_cached_tokens"])
             metric("gauge", "sglang:max_total_num_tokens", scheduler_state["max_total_num_tokens"])
             metric("counter", "sglang:num_retractions_total", scheduler_state["num_retractions"])
+            # As the scheduler's last batch log lines computed them (SGLang's gauges of the same name).
+            metric("gauge", "sglang:gen_throughput", scheduler_state["gen_throughput"])
+            metric("gauge", "sglang:cache_hit_rate", scheduler_state["cache_hit_rate"])
         lines += self.ttft.render("sglang:time_to_first_token_seconds", lab)
         lines += self.itl.render("sglang:inter_token_latency_seconds", lab)
+        lines += self.tpot.render("sglang:time_per_output_token_seconds", lab)
         lines += self.e2e.render("sglang:e2e_request_latency_seconds", lab)
         return "\n".join(lines) + "\n"

@@ -718,6 +718,8 @@ class Scheduler:
             "memory_ok": self.check_memory() if self.is_idle() else None,
             "scheduler_pid": os.getpid(),
             **self._swa_state(),
+            "gen_throughput": self.batch_log.gen_throughput,
+            "cache_hit_rate": self.batch_log.cache_hit_rate,
             **self.stats,
             **self.info(),
         }

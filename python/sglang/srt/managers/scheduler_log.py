@@ -15,10 +15,14 @@ logger = logging.getLogger("sglang.srt.managers.scheduler")
 class SchedulerLog:
     decode_log_interval: int
     decode_steps: int = 0
+    # The last logged figures, also exported as the sglang:gen_throughput / cache_hit_rate gauges.
+    gen_throughput: float = 0.0
+    cache_hit_rate: float = 0.0
     _last_time: float = field(default_factory=time.perf_counter)
     _last_generated: int = 0
 
     def prefill(self, new_seqs: int, new_tokens: int, cached_tokens: int, usage: float, running: int, queued: int) -> None:
+        self.cache_hit_rate = cached_tokens / max(new_tokens + cached_tokens, 1)
         logger.info(
             "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, #running-req: %d, #queue-req: %d",
             new_seqs, new_tokens, cached_tokens, usage, running, queued,
@@ -34,7 +38,7 @@ class SchedulerLog:
         """The decode line, with the generation rate since the previous one."""
         now = time.perf_counter()
         rate = (generated_total - self._last_generated) / max(now - self._last_time, 1e-9)
-        self._last_time, self._last_generated = now, generated_total
+        self._last_time, self._last_generated, self.gen_throughput = now, generated_total, rate
         logger.info(
             "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): %.2f, #queue-req: %d",
             running, tokens, usage, rate, queued,

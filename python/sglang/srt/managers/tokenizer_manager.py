@@ -57,6 +57,7 @@ class ReqState:
     token_logprobs: list[tuple[float, int]] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     created: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
     last_token_time: float | None = None
 
 
@@ -67,14 +68,11 @@ def load_tokenizer(server_args):
     from transformers import AutoTokenizer
 
     from sglang.srt.model_loader.weight_utils import resolve_tokenizer_path
+    from sglang.srt.server_args import read_chat_template
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(server_args))
-    chat_template = server_args.chat_template
-    if chat_template:
-        from pathlib import Path
-
-        template_file = Path(chat_template)
-        tokenizer.chat_template = template_file.read_text() if template_file.is_file() else chat_template
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(server_args), trust_remote_code=server_args.trust_remote_code)
+    if server_args.chat_template:
+        tokenizer.chat_template = read_chat_template(server_args.chat_template)
     return tokenizer
 
 
@@ -161,6 +159,7 @@ class TokenizerManager:
         state.top_logprobs.extend(out.top_logprobs)
         self.metrics.observe_tokens(len(ids), now - state.created, None if state.last_token_time is None else now - state.last_token_time)
         if ids:
+            state.first_token_time = state.first_token_time or now
             state.last_token_time = now
         if state.detok is not None:
             reason = out.finished_reason
@@ -172,7 +171,10 @@ class TokenizerManager:
             if state.detok is not None:
                 state.detok.finish()
             aborted = out.finished_reason.get("type") == "abort"
-            self.metrics.observe_finished(out.prompt_tokens, out.cached_tokens, now - state.created, aborted)
+            tpot = None
+            if state.completion_tokens > 1 and state.first_token_time is not None:
+                tpot = (now - state.first_token_time) / (state.completion_tokens - 1)
+            self.metrics.observe_finished(out.prompt_tokens, out.cached_tokens, now - state.created, aborted, tpot)
         state.event.set()
 
     # -------------------------------------------------------------- requests

@@ -71,7 +71,7 @@ class ModelRunner:
         self.device = resolve_device(server_args.device)
         self.model_config = model_config or ModelConfig.from_server_args(server_args)
         self.dtype = self.model_config.dtype
-        torch.manual_seed(server_args.random_seed)
+        torch.manual_seed(server_args.dummy_weight_seed)
         # ServerArgs has resolved 'auto' backends for this model and GPU.
         self.moe_runner_backend = server_args.moe_runner_backend
         if self.moe_runner_backend == "flashinfer_trtllm":
@@ -80,7 +80,7 @@ class ModelRunner:
 
             check_flashinfer_trtllm_supported(get_device_sm())
         self.model = load_model(
-            self.model_config, server_args.load_format, self.device, self.moe_runner_backend, server_args.random_seed
+            self.model_config, server_args.load_format, self.device, self.moe_runner_backend, server_args.dummy_weight_seed
         )
         self.attn_backend = get_attention_backend(server_args.attention_backend)
         self._init_memory_pools()

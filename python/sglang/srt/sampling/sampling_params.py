@@ -10,6 +10,30 @@ from dataclasses import asdict, dataclass, field, fields
 
 _FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
 
+# SGLang sampling parameters this server does not implement, with the values that mean "off"
+# (None always does): clients send them at those values, so those pass; any other value is an error.
+NEUTRAL_SAMPLING = {
+    "repetition_penalty": (1.0,), "frequency_penalty": (0.0,), "presence_penalty": (0.0,), "min_new_tokens": (0,),
+    "n": (1,), "logit_bias": ({},), "json_schema": (), "regex": (), "ebnf": (), "structural_tag": (),
+    "custom_params": (),
+}  # fmt: skip
+
+
+class UnsupportedValue(ValueError):
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+def pop_neutral(d: dict, neutral: dict[str, tuple], where: str) -> None:
+    """Remove from d the fields of `neutral` set to None or to one of their neutral values; raise
+    UnsupportedValue naming the first one set to anything else (never silently ignored)."""
+    for name in sorted(neutral.keys() & d.keys()):
+        value = d.pop(name)
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral[name]):
+            allowed = " or ".join(repr(v) for v in neutral[name]) or "null"
+            raise UnsupportedValue(name, f"{where} '{name}' is not supported by this server (only {allowed}), got {value!r}")
+
 
 @dataclass
 class SamplingParams:
@@ -32,6 +56,12 @@ class SamplingParams:
         if d is not None and not isinstance(d, dict):
             raise ValueError(f"sampling_params must be an object, got {type(d).__name__}")
         d = dict(d or {})
+        if "sampling_seed" in d:  # SGLang's current name for seed
+            seed = d.pop("sampling_seed")
+            if d.get("seed") is not None and seed is not None and seed != d["seed"]:
+                raise ValueError(f"seed {d['seed']!r} and sampling_seed {seed!r} disagree")
+            d["seed"] = d.get("seed") if seed is None else seed
+        pop_neutral(d, NEUTRAL_SAMPLING, "sampling parameter")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -1,11 +1,14 @@
-"""OpenAI request bodies we accept. Every model forbids unknown fields, and fields OpenAI defines but
-this server does not implement are rejected by name (see UNSUPPORTED_*), never silently ignored."""
+"""OpenAI request bodies we accept. Every model forbids unknown fields; fields OpenAI or SGLang
+define that this server does not implement pass only at the value that means "off" (NEUTRAL_*),
+and any other value is rejected by name, never silently ignored."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from sglang.srt.sampling.sampling_params import NEUTRAL_SAMPLING
 
 
 class _Strict(BaseModel):
@@ -26,6 +29,14 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # What other servers put in an assistant turn that is replayed as history. Not shown to the
+    # template (this server makes no tool calls and has no reasoning parser); tool calls must be empty.
+    tool_calls: list[dict] | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+    def template_fields(self) -> dict:
+        return self.model_dump(include={"role", "content", "name"}, exclude_none=True)
 
 
 class _SamplingFields(_Strict):
@@ -46,9 +57,6 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Accepted only at their neutral value; anything else is rejected by the handler.
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     rid: str | None = None
 
 
@@ -58,6 +66,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    chat_template_kwargs: dict | None = None  # SGLang / vLLM: extra variables for the chat template
 
 
 class CompletionRequest(_SamplingFields):
@@ -67,10 +76,21 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
 
 
-# OpenAI fields we know and do not implement: a request using them gets a 400 naming the field.
-UNSUPPORTED_CHAT_FIELDS = {
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-    "logit_bias", "audio", "modalities", "prediction", "reasoning_effort", "service_tier", "store",
-    "metadata", "web_search_options", "best_of", "suffix",
-}
-UNSUPPORTED_COMPLETION_FIELDS = {"suffix", "best_of", "logit_bias"}
+# Neutral values per field (None always passes). Benchmark clients send several of these on every
+# request: SGLang's and vLLM's completions clients `best_of: 1`, chat SDKs `tools: []`.
+_SHARED = ("frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "regex", "json_schema", "ebnf")
+_NEUTRAL_SAMPLING = {
+    **{name: NEUTRAL_SAMPLING[name] for name in _SHARED},
+    "best_of": (1,), "min_tokens": (0,), "lora_path": (), "return_hidden_states": (False,),
+}  # fmt: skip
+NEUTRAL_CHAT_FIELDS = {
+    **_NEUTRAL_SAMPLING,
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "audio": (),
+    "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": ("auto", "default"),
+    "store": (False,), "metadata": ({},), "web_search_options": (), "suffix": (),
+    # SGLang: splitting reasoning from content needs --reasoning-parser, which this server has not,
+    # so either value leaves the answer as it is; a final assistant turn is never continued.
+    "separate_reasoning": (True, False), "continue_final_message": (False,),
+}  # fmt: skip
+NEUTRAL_COMPLETION_FIELDS = {**_NEUTRAL_SAMPLING, "suffix": ("",)}

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from sglang.srt.managers.tokenizer_manager import TokenizerManager
+from sglang.srt.sampling.sampling_params import UnsupportedValue, pop_neutral
 
 T = TypeVar("T", bound=BaseModel)
 MAX_N = 128
@@ -60,10 +61,18 @@ async def read_json_body(request: Request) -> dict:
     return body
 
 
-def parse_body(model: type[T], body: dict, unsupported: set[str]) -> T:
-    for name in sorted(unsupported & set(body)):
-        if body[name] is not None:
-            raise OpenAIError(f"'{name}' is not supported by this server", param=name)
+def drop_neutral(body: dict, neutral: dict[str, tuple]) -> dict:
+    """body without the fields of `neutral` that carry a neutral value; a 400 naming any other."""
+    body = dict(body)
+    try:
+        pop_neutral(body, neutral, "field")
+    except UnsupportedValue as e:
+        raise OpenAIError(str(e), param=e.name) from None
+    return body
+
+
+def parse_body(model: type[T], body: dict, neutral: dict[str, tuple]) -> T:
+    body = drop_neutral(body, neutral)
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -80,14 +89,8 @@ def check_common(req: Any, max_tokens: int | None) -> None:
         raise OpenAIError(f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
     if max_tokens is not None and max_tokens < 0:
         raise OpenAIError(f"max_tokens must be non-negative, got {max_tokens}", param="max_tokens")
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = getattr(req, name)
-        if value not in (None, 0, 0.0):
-            raise OpenAIError(f"'{name}' is not supported by this server (only 0)", param=name)
     if req.stream_options is not None and not req.stream:
         raise OpenAIError("stream_options is only allowed when stream is true", param="stream_options")
-    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
-        raise OpenAIError("stream_options.continuous_usage_stats is not supported by this server", param="stream_options")
 
 
 def sampling_params_dict(req: Any, max_tokens: int | None, choice: int) -> dict:
@@ -202,6 +205,18 @@ def finish_reason_str(reason: dict | None) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason.get("type"), "stop")
 
 
+def usage_options(req: Any) -> tuple[bool, bool]:
+    """(usage in the stream, usage in every chunk) from stream_options."""
+    opts = req.stream_options
+    include = bool(opts and opts.include_usage)
+    return include, include and opts.continuous_usage_stats
+
+
+def choice_usage(meta: dict) -> dict:
+    """One choice's usage so far (continuous_usage_stats: every chunk carries its choice's counts)."""
+    return usage(meta["prompt_tokens"], meta["completion_tokens"], meta["cached_tokens"])
+
+
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
@@ -248,13 +263,13 @@ class ServingBase:
     """One OpenAI endpoint: parse and validate, tokenize, then stream or answer once."""
 
     request_cls: type = None  # the pydantic request model
-    unsupported_fields: set[str] = frozenset()
+    neutral_fields: dict[str, tuple] = {}  # see protocol.NEUTRAL_*
 
     def __init__(self, tokenizer_manager: TokenizerManager):
         self.tm = tokenizer_manager
 
     async def handle(self, request: Request):
-        req = parse_body(self.request_cls, await read_json_body(request), self.unsupported_fields)
+        req = parse_body(self.request_cls, await read_json_body(request), self.neutral_fields)
         items = tokenize_all(self.tm, self._build_inputs(req))
         if req.stream:
             gens = [self.tm.generate_tokenized(t) for t in items]

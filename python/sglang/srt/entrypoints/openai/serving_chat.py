@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 
-from sglang.srt.entrypoints.openai.protocol import UNSUPPORTED_CHAT_FIELDS, ChatCompletionRequest
+from sglang.srt.entrypoints.openai.protocol import NEUTRAL_CHAT_FIELDS, ChatCompletionRequest
 from sglang.srt.entrypoints.openai.serving_base import (
     MAX_TOP_LOGPROBS,
     SSE_DONE,
@@ -14,6 +14,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     StreamAborted,
     chat_logprobs,
     check_common,
+    choice_usage,
     error_from_abort,
     finish_reason_str,
     new_id,
@@ -22,13 +23,22 @@ from sglang.srt.entrypoints.openai.serving_base import (
     sse,
     stream_deltas,
     usage,
+    usage_options,
 )
 from sglang.srt.managers.io_struct import GenerateReqInput
 
 
+# apply_chat_template arguments that this handler sets or that would change what it returns (tools:
+# this server makes no tool calls), so chat_template_kwargs may not.
+_TEMPLATE_ARGS_SET_HERE = {
+    "conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message", "chat_template",
+    "return_dict", "return_tensors", "tools",
+}  # fmt: skip
+
+
 class OpenAIServingChat(ServingBase):
     request_cls = ChatCompletionRequest
-    unsupported_fields = UNSUPPORTED_CHAT_FIELDS
+    neutral_fields = NEUTRAL_CHAT_FIELDS
 
     def _build_inputs(self, req: ChatCompletionRequest) -> list[GenerateReqInput]:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -57,12 +67,19 @@ class OpenAIServingChat(ServingBase):
         tokenizer = self.tm.tokenizer
         if tokenizer is None:
             raise OpenAIError("chat completions need a tokenizer; this server runs with --skip-tokenizer-init")
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        for i, m in enumerate(req.messages):
+            if m.tool_calls:
+                raise OpenAIError(f"messages[{i}].tool_calls: tool calls are not supported by this server", param=f"messages.{i}.tool_calls")
+        messages = [m.template_fields() for m in req.messages]
         for i, m in enumerate(messages):
             if m.get("content") is None and m["role"] != "assistant":
                 raise OpenAIError(f"messages[{i}].content is required for role {m['role']!r}", param=f"messages.{i}.content")
+        kwargs = req.chat_template_kwargs or {}
+        reserved = sorted(kwargs.keys() & _TEMPLATE_ARGS_SET_HERE)
+        if reserved:
+            raise OpenAIError(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         try:
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         except Exception as e:  # template errors (e.g. role order) are the request's fault
             raise OpenAIError(f"could not apply the chat template: {e}", param="messages") from None
         # The template already emits <bos>; the tokenizer must not add another.
@@ -97,15 +114,15 @@ class OpenAIServingChat(ServingBase):
 
     async def _stream(self, req: ChatCompletionRequest, gens: list[AsyncIterator[dict]]) -> AsyncIterator[str]:
         rid, created = new_id("chatcmpl"), now()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous = usage_options(req)
 
-        def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None, meta: dict | None = None) -> str:
             body = {
                 "id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
             }
             if include_usage:
-                body["usage"] = None
+                body["usage"] = choice_usage(meta) if continuous and meta else None
             return sse(body)
 
         finals: list[dict | None] = [None] * len(gens)
@@ -115,10 +132,10 @@ class OpenAIServingChat(ServingBase):
             async for d in stream_deltas(gens):
                 logprobs = chat_logprobs(d.meta, d.token_start, d.token_end) if req.logprobs else None
                 if d.text or (logprobs and logprobs["content"]):
-                    yield chunk(d.index, {"content": d.text}, logprobs=logprobs)
+                    yield chunk(d.index, {"content": d.text}, logprobs=logprobs, meta=d.meta)
                 if d.reason is not None:
                     finals[d.index] = d.meta
-                    yield chunk(d.index, {}, finish=finish_reason_str(d.reason))
+                    yield chunk(d.index, {}, finish=finish_reason_str(d.reason), meta=d.meta)
         except StreamAborted as e:
             yield sse(e.error.body())
             yield SSE_DONE

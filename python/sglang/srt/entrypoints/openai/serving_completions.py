@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import AsyncIterator
 
 
-from sglang.srt.entrypoints.openai.protocol import UNSUPPORTED_COMPLETION_FIELDS, CompletionRequest
+from sglang.srt.entrypoints.openai.protocol import NEUTRAL_COMPLETION_FIELDS, CompletionRequest
 from sglang.srt.entrypoints.openai.serving_base import (
     MAX_TOP_LOGPROBS,
     SSE_DONE,
@@ -16,6 +16,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
     StreamAborted,
     check_common,
+    choice_usage,
     error_from_abort,
     completion_logprobs,
     finish_reason_str,
@@ -25,13 +26,14 @@ from sglang.srt.entrypoints.openai.serving_base import (
     sse,
     stream_deltas,
     usage,
+    usage_options,
 )
 from sglang.srt.managers.io_struct import GenerateReqInput
 
 
 class OpenAIServingCompletion(ServingBase):
     request_cls = CompletionRequest
-    unsupported_fields = UNSUPPORTED_COMPLETION_FIELDS
+    neutral_fields = NEUTRAL_COMPLETION_FIELDS
 
     @staticmethod
     def _prompts(prompt) -> list[dict]:
@@ -50,8 +52,9 @@ class OpenAIServingCompletion(ServingBase):
 
     def _build_inputs(self, req: CompletionRequest) -> list[GenerateReqInput]:
         check_common(req, req.max_tokens)
-        if req.echo:
-            raise OpenAIError("'echo' is not supported by this server", param="echo")
+        if req.echo and req.logprobs is not None:
+            raise OpenAIError("echo with logprobs needs the prompt's logprobs, which this server does not return", param="echo")
+        self._echoes(req)  # a prompt it cannot echo is a 400 before anything runs
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
             raise OpenAIError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
         objs = []
@@ -68,8 +71,18 @@ class OpenAIServingCompletion(ServingBase):
                 )
         return objs
 
+    def _echoes(self, req: CompletionRequest) -> list[str]:
+        """Per prompt, the text `echo` puts before its choices' completions ("" without echo)."""
+        prompts = self._prompts(req.prompt)
+        if not req.echo:
+            return [""] * len(prompts)
+        if self.tm.tokenizer is None and any("text" not in p for p in prompts):
+            raise OpenAIError("echo of token-id prompts needs a tokenizer; this server runs with --skip-tokenizer-init", param="echo")
+        return [p["text"] if "text" in p else self.tm.tokenizer.decode(p["input_ids"]) for p in prompts]
+
     def _response(self, req: CompletionRequest, outs: list[dict]) -> dict:
         choices, prompt_tokens, cached = [], 0, 0
+        echoes = self._echoes(req)
         for i, out in enumerate(outs):
             meta = out["meta_info"]
             reason = meta["finish_reason"]
@@ -81,7 +94,7 @@ class OpenAIServingCompletion(ServingBase):
             choices.append(
                 {
                     "index": i,
-                    "text": out.get("text", ""),
+                    "text": echoes[i // req.n] + out.get("text", ""),
                     "logprobs": completion_logprobs(meta, 0, None, 0) if req.logprobs is not None else None,
                     "finish_reason": finish_reason_str(reason),
                     "matched_stop": reason.get("matched") if reason else None,
@@ -99,25 +112,29 @@ class OpenAIServingCompletion(ServingBase):
 
     async def _stream(self, req: CompletionRequest, gens: list[AsyncIterator[dict]]) -> AsyncIterator[str]:
         rid, created = new_id("cmpl"), now()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        include_usage, continuous = usage_options(req)
 
-        def chunk(index: int, text: str, finish: str | None = None, logprobs=None) -> str:
+        def chunk(index: int, text: str, finish: str | None = None, logprobs=None, meta: dict | None = None) -> str:
             body = {
                 "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
             }
             if include_usage:
-                body["usage"] = None
+                body["usage"] = choice_usage(meta) if continuous and meta else None
             return sse(body)
 
         finals: list[dict | None] = [None] * len(gens)
+        if req.echo:
+            echoes = self._echoes(req)
+            for i in range(len(gens)):
+                yield chunk(i, echoes[i // req.n])
         try:
             async for d in stream_deltas(gens):
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = completion_logprobs(d.meta, d.token_start, d.token_end, d.text_offset)
                 if d.text or d.reason is not None or (logprobs and logprobs["tokens"]):
-                    yield chunk(d.index, d.text, finish_reason_str(d.reason), logprobs)
+                    yield chunk(d.index, d.text, finish_reason_str(d.reason), logprobs, d.meta)
                 if d.reason is not None:
                     finals[d.index] = d.meta
         except StreamAborted as e:
