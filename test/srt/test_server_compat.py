@@ -48,6 +48,19 @@ def test_upstream_bench_serving_payloads_are_served(demo_server):
     assert r.json()["choices"][0]["text"] == plain["choices"][0]["text"]
 
 
+def test_penalties_and_min_tokens_reach_the_sampler_from_either_api(demo_server):
+    """OpenAI's names (min_tokens) and SGLang's (min_new_tokens) mean the same; the values arrive
+    (the sampler itself is checked against the definitions in test_penalties.py)."""
+    knobs = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.3}
+    native = post(demo_server, "/generate", {"text": "the the the", "sampling_params": {**GREEDY, **knobs, "min_new_tokens": 6}})
+    body = {"model": DEMO_MODEL, "prompt": "the the the", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    openai_ = post(demo_server, "/v1/completions", {**body, **knobs, "min_tokens": 6})
+    plain = post(demo_server, "/v1/completions", body)
+    assert native.status_code == openai_.status_code == 200, (native.text, openai_.text)
+    assert openai_.json()["choices"][0]["text"] == native.json()["text"]
+    assert openai_.json()["choices"][0]["text"] != plain.json()["choices"][0]["text"]
+
+
 def test_sampling_seed_is_sglangs_name_for_seed(demo_server):
     params = {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True}
     a = post(demo_server, "/generate", {"text": "seeded", "sampling_params": {**params, "seed": 7}}).json()
@@ -81,12 +94,12 @@ def test_chat_accepts_neutral_tool_fields_and_replayed_assistant_turns(demo_serv
     [
         ("/generate", {"text": "hi", "lora_path": "my-adapter"}, "lora_path"),
         ("/generate", {"text": "hi", "logprob_start_len": 0}, "logprob_start_len"),
-        ("/generate", {"text": "hi", "sampling_params": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ("/generate", {"text": "hi", "sampling_params": {"regex": "a+"}}, "regex"),
         ("/generate", {"text": "hi", "sampling_params": {"n": 2}}, "'n'"),
         ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of"),
         ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "min_tokens": 3}, "min_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1}}, "logit_bias"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                   "chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,

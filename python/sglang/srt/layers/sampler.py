@@ -51,7 +51,10 @@ class Sampler:
         info: SamplingBatchInfo,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        raw_logits: torch.Tensor | None = None,
     ) -> SamplerOutput:
+        """Samples from `logits`; logprobs come from `raw_logits` when given (the logits before
+        penalties), else from `logits`."""
         logits = logits.float()
         greedy_ids = logits.argmax(dim=-1)
         if info.all_greedy:
@@ -61,7 +64,7 @@ class Sampler:
         out = SamplerOutput(next_token_ids=ids)
         if return_logprob:
             # Logprobs describe the model's distribution, not the temperature-scaled one (OpenAI's meaning).
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = torch.log_softmax(logits if raw_logits is None else raw_logits.float(), dim=-1)
             out.logprobs = logprobs.gather(1, ids[:, None]).squeeze(1)
             if top_logprobs_num > 0:
                 out.top_logprobs, out.top_logprob_ids = logprobs.topk(top_logprobs_num, dim=-1)

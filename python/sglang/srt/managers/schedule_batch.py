@@ -90,6 +90,7 @@ class Req:
         self.top_logprobs_num = top_logprobs_num
         # Own generator: a seeded request samples identically whatever batch it lands in.
         self.generator = torch.Generator().manual_seed(sampling_params.seed if sampling_params.seed is not None else seed)
+        self.penalty = None  # sampling/penalizer.PenaltyState when the request has penalties
 
         # Memory
         self.req_pool_idx: int | None = None
@@ -138,6 +139,8 @@ class Req:
     def check_finished(self, eos_ids: set[int], stop_checker=None) -> None:
         """Set finished_reason after a token was appended."""
         params, last = self.sampling_params, self.output_ids[-1]
+        if len(self.output_ids) < params.min_new_tokens:
+            return  # min_new_tokens <= max_new_tokens; EOS and stop ids were masked before sampling
         if not params.ignore_eos and last in eos_ids:
             self.finished_reason = FINISH_MATCHED_TOKEN(last)
         elif last in params.stop_token_ids:

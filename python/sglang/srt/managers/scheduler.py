@@ -62,6 +62,7 @@ from sglang.srt.managers.scheduler_log import SchedulerLog
 from sglang.srt.mem_cache.memory_pool import free_swa_outside_window
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.sampling.penalizer import PenaltyState, apply_penalties, record_sampled
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglang.srt.utils import to_device
 
@@ -257,6 +258,7 @@ class Scheduler:
         if error is not None:
             self._finish(req, FINISH_ABORT(error, status_code=400))
             return
+        req.penalty = PenaltyState.for_request(params, req.origin_input_ids, self.vocab_size, self.device)
         # Never plan more output than the context window or the KV pool can hold.
         limit = min(self.context_len, self.max_total_num_tokens) - len(req.origin_input_ids)
         params.max_new_tokens = limit if params.max_new_tokens is None else min(params.max_new_tokens, limit)
@@ -597,7 +599,10 @@ class Scheduler:
         info = SamplingBatchInfo.from_reqs(reqs, logits.shape[-1], logits.device)
         want_logprob = any(r.return_logprob for r in reqs)
         top_n = max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0)
-        return self.sampler(logits, info, return_logprob=want_logprob, top_logprobs_num=top_n)
+        penalized = apply_penalties(logits, reqs, self.eos_ids)
+        out = self.sampler(penalized, info, return_logprob=want_logprob, top_logprobs_num=top_n, raw_logits=logits)
+        record_sampled(reqs, out.next_token_ids)
+        return out
 
     def _append_tokens(self, reqs: list[Req], out: SamplerOutput, rows: list[int]) -> None:
         out.wait()

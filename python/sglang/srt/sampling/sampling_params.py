@@ -13,9 +13,7 @@ _FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
 # SGLang sampling parameters this server does not implement, with the values that mean "off"
 # (None always does): clients send them at those values, so those pass; any other value is an error.
 NEUTRAL_SAMPLING = {
-    "repetition_penalty": (1.0,), "frequency_penalty": (0.0,), "presence_penalty": (0.0,), "min_new_tokens": (0,),
-    "n": (1,), "logit_bias": ({},), "json_schema": (), "regex": (), "ebnf": (), "structural_tag": (),
-    "custom_params": (),
+    "n": (1,), "logit_bias": ({},), "json_schema": (), "regex": (), "ebnf": (), "structural_tag": (), "custom_params": (),
 }  # fmt: skip
 
 
@@ -42,6 +40,11 @@ class SamplingParams:
     top_p: float | None = None
     top_k: int | None = None  # -1 or 0: no top-k cut
     min_p: float | None = None
+    # sampling/penalizer.py: vLLM's and OpenAI's meanings; min_new_tokens holds back EOS and stop ids.
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_new_tokens: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -68,8 +71,8 @@ class SamplingParams:
             raise ValueError(f"unsupported sampling parameter(s): {', '.join(unknown)}")
         if isinstance(d.get("stop"), str):
             d["stop"] = [d["stop"]]
-        for key in ("stop", "stop_token_ids"):
-            if d.get(key) is None:
+        for key in ("stop", "stop_token_ids", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_new_tokens"):
+            if d.get(key) is None:  # null means the default
                 d.pop(key, None)
         params = cls(**d)
         params.verify()
@@ -88,6 +91,13 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or a non-negative integer, got {self.top_k}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.min_new_tokens < 0 or (self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens):
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -100,11 +110,11 @@ class SamplingParams:
         def is_num(v) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        for name in ("temperature", "top_p", "min_p"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             if value is not None and not is_num(value):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-        for name in ("max_new_tokens", "top_k", "seed"):
+        for name in ("max_new_tokens", "top_k", "seed", "min_new_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -124,6 +134,11 @@ class SamplingParams:
                 setattr(self, name, fallback if value is None else value)
         if self.top_k == 0:
             self.top_k = -1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.min_new_tokens > 0)  # fmt: skip
 
     @property
     def is_greedy(self) -> bool:

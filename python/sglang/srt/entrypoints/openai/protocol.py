@@ -58,6 +58,10 @@ class _SamplingFields(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     rid: str | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None  # SGLang / vLLM extensions from here
+    min_tokens: int | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -78,10 +82,9 @@ class CompletionRequest(_SamplingFields):
 
 # Neutral values per field (None always passes). Benchmark clients send several of these on every
 # request: SGLang's and vLLM's completions clients `best_of: 1`, chat SDKs `tools: []`.
-_SHARED = ("frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "regex", "json_schema", "ebnf")
 _NEUTRAL_SAMPLING = {
-    **{name: NEUTRAL_SAMPLING[name] for name in _SHARED},
-    "best_of": (1,), "min_tokens": (0,), "lora_path": (), "return_hidden_states": (False,),
+    **{name: NEUTRAL_SAMPLING[name] for name in ("logit_bias", "regex", "json_schema", "ebnf")},
+    "best_of": (1,), "lora_path": (), "return_hidden_states": (False,),
 }  # fmt: skip
 NEUTRAL_CHAT_FIELDS = {
     **_NEUTRAL_SAMPLING,

@@ -100,6 +100,10 @@ def sampling_params_dict(req: Any, max_tokens: int | None, choice: int) -> dict:
         "top_p": req.top_p,
         "top_k": req.top_k,
         "min_p": req.min_p,
+        "frequency_penalty": req.frequency_penalty,
+        "presence_penalty": req.presence_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "min_new_tokens": req.min_tokens,
         # n copies of one seeded request must not be identical, so each choice gets its own seed.
         "seed": None if req.seed is None else req.seed + choice,
         "stop": req.stop if req.stop is not None else [],
