@@ -184,3 +184,29 @@ def test_context_length_beyond_the_model_is_used_with_the_env_var(ckpt, monkeypa
         args = cli(ckpt, "--context-length", "300")
         assert ModelConfig.from_server_args(args).context_len == 300
     assert any("300" in r.getMessage() and "256" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ --sampling-defaults, --enable-cache-report
+
+
+@pytest.mark.parametrize("mode,expected", [("model", (0.0, 64)), ("openai", (1.0, -1))])
+def test_sampling_defaults_come_from_the_model_or_openai(mode, expected):
+    from conftest import FakeModelRunner
+    from test_scheduler import make_args
+
+    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    runner = FakeModelRunner()
+    runner.model_config.hf_generation_config = {"do_sample": False, "top_k": 64}
+    s = Scheduler(make_args(sampling_defaults=mode), model_runner=runner)
+    s.add_request(TokenizedGenerateReqInput("r", [2, 3, 4], SamplingParams(max_new_tokens=2)))
+    params = s.waiting_queue[0].sampling_params
+    assert (params.temperature, params.top_k) == expected
+
+
+def test_enable_cache_report_and_sampling_defaults_flags_parse(ckpt, capsys):
+    args = cli(ckpt, "--enable-cache-report", "--sampling-defaults", "openai")
+    assert args.enable_cache_report is True and args.sampling_defaults == "openai"
+    assert "invalid choice" in cli_error(ckpt, capsys, "--sampling-defaults", "vllm")

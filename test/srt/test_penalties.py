@@ -43,7 +43,7 @@ class FixedLogitsRunner(FakeModelRunner):
 
 
 def oracle(prompt: list[int], steps: int, rep: float = 1.0, freq: float = 0.0, pres: float = 0.0,
-           boost: dict[int, float] | None = None) -> list[int]:  # fmt: skip
+           bias: dict[int, float] | None = None, boost: dict[int, float] | None = None) -> list[int]:  # fmt: skip
     """Greedy tokens under the penalties' definitions, computed element by element."""
     row = base_logits()
     for t, b in (boost or {}).items():
@@ -55,7 +55,7 @@ def oracle(prompt: list[int], steps: int, rep: float = 1.0, freq: float = 0.0, p
             n = out.count(t)
             if n or t in prompt:
                 x = x / rep if x > 0 else x * rep
-            scores.append(x - freq * n - pres * (n > 0))
+            scores.append(x - freq * n - pres * (n > 0) + (bias or {}).get(t, 0.0))
         out.append(max(range(len(scores)), key=lambda t: (scores[t], -t)))
     return out
 
@@ -69,17 +69,18 @@ def run(reqs: list[tuple[str, list[int], dict]], boost=None) -> dict[str, dict]:
 
 @pytest.mark.parametrize(
     "knobs",
-    [dict(freq=0.6), dict(pres=0.9), dict(rep=1.8), dict(rep=1.3, freq=0.3, pres=0.2), dict(freq=-0.5)],
-    ids=["frequency", "presence", "repetition", "all", "negative-frequency"],
-)
+    [dict(freq=0.6), dict(pres=0.9), dict(rep=1.8), dict(rep=1.3, freq=0.3, pres=0.2, bias={5: 0.7, 0: -1.2}),
+     dict(freq=-0.5), dict(bias={0: -100, 11: 4.5})],
+    ids=["frequency", "presence", "repetition", "all", "negative-frequency", "logit-bias"],
+)  # fmt: skip
 def test_greedy_tokens_follow_the_penalty_definitions(knobs):
     prompt = [2, 3, 9, 9]
     params = dict(max_new_tokens=12, repetition_penalty=knobs.get("rep", 1.0), frequency_penalty=knobs.get("freq", 0.0),
-                  presence_penalty=knobs.get("pres", 0.0))  # fmt: skip
+                  presence_penalty=knobs.get("pres", 0.0), logit_bias={str(t): b for t, b in knobs.get("bias", {}).items()})  # fmt: skip
     out = run([("p", prompt, params), ("plain", prompt, dict(max_new_tokens=12))])
     assert out["p"]["ids"] == oracle(prompt, 12, **knobs)
     assert out["plain"]["ids"] == [0] * 12  # a request without penalties in the same batch is untouched
-    if max(knobs.values()) > 0:  # (a negative frequency penalty only reinforces the top token here)
+    if knobs.get("freq", 0) >= 0:  # (a negative frequency penalty only reinforces the top token here)
         assert out["p"]["ids"] != out["plain"]["ids"]
 
 
@@ -110,6 +111,8 @@ def test_logprobs_stay_those_of_the_raw_logits():
         ({"frequency_penalty": 2.1}, "frequency_penalty"), ({"presence_penalty": -3}, "presence_penalty"),
         ({"presence_penalty": "high"}, "presence_penalty"), ({"min_new_tokens": -1}, "min_new_tokens"),
         ({"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens"), ({"min_new_tokens": 1.5}, "min_new_tokens"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"3": 100.5}}, "logit_bias"),
+        ({"logit_bias": {"3": "up"}}, "logit_bias"), ({"logit_bias": [3]}, "logit_bias"),
     ],
 )  # fmt: skip
 def test_penalty_values_are_checked(params, field):
@@ -117,6 +120,12 @@ def test_penalty_values_are_checked(params, field):
         SamplingParams.from_dict(params)
 
 
+def test_logit_bias_token_ids_are_checked_against_the_vocabulary():
+    SamplingParams(logit_bias={"39": 1.0}).verify(VOCAB)
+    with pytest.raises(ValueError, match="invalid token id '40'"):
+        SamplingParams(logit_bias={"40": 1.0}).verify(VOCAB)
+
+
 def test_null_penalties_mean_the_defaults():
     p = SamplingParams.from_dict({"repetition_penalty": None, "frequency_penalty": None, "min_new_tokens": None})
-    assert (p.repetition_penalty, p.frequency_penalty, p.min_new_tokens, p.has_penalties) == (1.0, 0.0, 0, False)
+    assert (p.repetition_penalty, p.frequency_penalty, p.min_new_tokens, p.adjusts_logits) == (1.0, 0.0, 0, False)

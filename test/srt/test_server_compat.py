@@ -99,7 +99,8 @@ def test_chat_accepts_neutral_tool_fields_and_replayed_assistant_turns(demo_serv
         ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of"),
         ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1}}, "logit_bias"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"}, "reasoning_effort"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}, "logit_bias"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                   "chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
@@ -193,3 +194,20 @@ def test_metrics_have_sglangs_throughput_cache_and_tpot_series(demo_server):
     assert values["sglang:gen_throughput"] >= 0
     assert values["sglang:time_per_output_token_seconds_count"] >= 2
     assert values["sglang:time_per_output_token_seconds_sum"] > 0
+
+
+def test_tokenize_and_detokenize_round_trip(demo_server):
+    from transformers import AutoTokenizer
+
+    from sglang.test.make_gemma4_checkpoint import ensure_demo_model
+
+    tok = AutoTokenizer.from_pretrained(ensure_demo_model())
+    one = post(demo_server, "/tokenize", {"prompt": "hello world"}).json()
+    assert one["tokens"] == tok.encode("hello world") and one["count"] == len(one["tokens"]) and one["max_model_len"] > 0
+    both = post(demo_server, "/v1/tokenize", {"prompt": ["a b", "c"], "add_special_tokens": False}).json()
+    assert both["tokens"] == [tok.encode("a b", add_special_tokens=False), tok.encode("c", add_special_tokens=False)]
+    assert post(demo_server, "/detokenize", {"tokens": both["tokens"][0]}).json()["text"] == "a b"
+    assert post(demo_server, "/v1/detokenize", {"tokens": both["tokens"]}).json()["text"] == ["a b", "c"]
+    for path, body in (("/tokenize", {"prompt": 5}), ("/detokenize", {"tokens": [10**9]}), ("/detokenize", {"tokens": "x"})):
+        r = post(demo_server, path, body)
+        assert r.status_code == 400 and r.json()["error"]["message"], (path, r.text)

@@ -89,6 +89,11 @@ class ServerArgs:
     served_model_name: str | None = _opt(None, "Model name reported by the API (default: the model path).")
     api_key: str | None = _opt(None, "Require `Authorization: Bearer <key>` on every endpoint but /health.")
     enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
+    enable_cache_report: bool = _opt(False, "Accepted for SGLang compatibility: usage.prompt_tokens_details.cached_tokens is always reported.")
+    sampling_defaults: str = _opt(
+        "model", "Defaults of unset sampling knobs: the model's generation_config, or OpenAI's (temperature 1, top_p 1).",
+        ("model", "openai"),
+    )  # fmt: skip
     log_level: str = _opt("info", "Logging level.", ("debug", "info", "warning", "error", "critical"))
     log_requests: bool = _opt(False, "Log every request's inputs and outputs.")
     decode_log_interval: int = _opt(40, "Log a decode batch line (running requests, tokens, generation rate) every this many decode steps.")

@@ -145,11 +145,47 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     async def v1_completions(request: Request):
         return await completions.handle(request)
 
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request):
+        """SGLang's: {"prompt": str | [str], "add_special_tokens": bool} -> tokens, count, max_model_len."""
+        body = await read_json_body(request)
+        prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise OpenAIError("prompt must be a string or a non-empty list of strings", param="prompt")
+        if not isinstance(special, bool):
+            raise OpenAIError("add_special_tokens must be a boolean", param="add_special_tokens")
+        tokens = [_tokenizer(tm).encode(t, add_special_tokens=special) for t in texts]
+        counts = [len(t) for t in tokens]
+        if isinstance(prompt, str):
+            tokens, counts = tokens[0], counts[0]
+        return {"tokens": tokens, "count": counts, "max_model_len": tm.context_len}
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request):
+        """SGLang's: {"tokens": [int] | [[int]]} -> text (or a list of texts)."""
+        tokens = (await read_json_body(request)).get("tokens")
+        single = isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)
+        rows = [tokens] if single else tokens
+        valid = lambda r: isinstance(r, list) and all(isinstance(t, int) and 0 <= t < tm.vocab_size for t in r)  # noqa: E731
+        if not isinstance(rows, list) or not all(valid(r) for r in rows):
+            raise OpenAIError(f"tokens must be token ids in [0, {tm.vocab_size}), or a list of such lists", param="tokens")
+        texts = [_tokenizer(tm).decode(r) for r in rows]
+        return {"text": texts[0] if single else texts}
+
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
         return await _native_generate(tm, request)
 
     return app
+
+
+def _tokenizer(tm: TokenizerManager):
+    if tm.tokenizer is None:
+        raise OpenAIError("this server runs with --skip-tokenizer-init: it has no tokenizer")
+    return tm.tokenizer
 
 
 def _add_api_key_middleware(app: FastAPI, api_key: str) -> None:

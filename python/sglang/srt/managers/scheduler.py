@@ -168,7 +168,7 @@ class Scheduler:
         self.max_prefill_tokens = int(server_args.max_prefill_tokens)
         self._tokenizer = tokenizer
         self.eos_ids = eos_token_ids(self.model_config, tokenizer)
-        self.generation_defaults = sampling_defaults(self.model_config)
+        self.generation_defaults = sampling_defaults(self.model_config) if server_args.sampling_defaults == "model" else {}
         self.moe_gemm_config = init_moe_gemm_config(self.model_config.hf_config)
         self.sampler = Sampler()
         self.device_type = torch.device(self.device).type

@@ -1,8 +1,9 @@
-"""Repetition, frequency and presence penalties and min_new_tokens, applied to a batch's logits
-before sampling, with vLLM's and OpenAI's meanings:
+"""Repetition, frequency and presence penalties, logit_bias and min_new_tokens, applied to a batch's
+logits before sampling, with vLLM's and OpenAI's meanings, in this order:
 
     logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r    for t in the prompt or the output
     logits[t] -= frequency * count(t in output) + presence * (t in output)
+    logits[t] += logit_bias[t]
     logits[eos and stop ids] = -inf                                    while fewer than min_new_tokens
 
 A request's output counts live on the device and are updated from the sampled ids there, never read
@@ -21,17 +22,22 @@ import torch
 class PenaltyState:
     counts: torch.Tensor  # [V] int32: how often each token was sampled
     in_prompt: torch.Tensor | None  # [V] bool, only with a repetition penalty
+    bias: torch.Tensor | None  # [V] fp32, only with a logit_bias
     sampled: int = 0  # tokens sampled so far (launched; not necessarily read back yet)
 
     @classmethod
     def for_request(cls, params, prompt_ids: list[int], vocab_size: int, device) -> PenaltyState | None:
-        if not params.has_penalties:
+        if not params.adjusts_logits:
             return None
-        in_prompt = None
+        in_prompt = bias = None
         if params.repetition_penalty != 1.0:
             in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=device)
             in_prompt[torch.tensor(prompt_ids, device=device)] = True
-        return cls(torch.zeros(vocab_size, dtype=torch.int32, device=device), in_prompt)
+        if params.logit_bias:
+            bias = torch.zeros(vocab_size, dtype=torch.float32)
+            bias[[int(t) for t in params.logit_bias]] = torch.tensor([float(b) for b in params.logit_bias.values()])
+            bias = bias.to(device)
+        return cls(torch.zeros(vocab_size, dtype=torch.int32, device=device), in_prompt, bias)
 
 
 def apply_penalties(logits: torch.Tensor, reqs: list, stop_ids: set[int]) -> torch.Tensor:
@@ -56,6 +62,8 @@ def apply_penalties(logits: torch.Tensor, reqs: list, stop_ids: set[int]) -> tor
     sub = sub - freq * counts - pres * (counts > 0)
     for j, i in enumerate(rows):
         req = reqs[i]
+        if req.penalty.bias is not None:
+            sub[j] += req.penalty.bias
         if req.penalty.sampled < req.sampling_params.min_new_tokens:
             banned = set(req.sampling_params.stop_token_ids) | (set() if req.sampling_params.ignore_eos else stop_ids)
             if banned:

@@ -13,7 +13,7 @@ _FALLBACK = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
 # SGLang sampling parameters this server does not implement, with the values that mean "off"
 # (None always does): clients send them at those values, so those pass; any other value is an error.
 NEUTRAL_SAMPLING = {
-    "n": (1,), "logit_bias": ({},), "json_schema": (), "regex": (), "ebnf": (), "structural_tag": (), "custom_params": (),
+    "n": (1,), "json_schema": (), "regex": (), "ebnf": (), "structural_tag": (), "custom_params": (),
 }  # fmt: skip
 
 
@@ -45,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     min_new_tokens: int = 0
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias in [-100, 100]
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -98,6 +99,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.min_new_tokens < 0 or (self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens):
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        self._check_logit_bias(vocab_size)
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -105,6 +107,17 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise ValueError(f"stop_token_ids contains an invalid token id {t!r}")
+
+    def _check_logit_bias(self, vocab_size: int | None) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be an object of token id -> bias, got {self.logit_bias!r}")
+        for token, bias in self.logit_bias.items():
+            if not str(token).isdigit() or (vocab_size is not None and int(token) >= vocab_size):
+                raise ValueError(f"logit_bias has an invalid token id {token!r}")
+            if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token {token}")
 
     def _check_types(self) -> None:
         def is_num(v) -> bool:
@@ -136,9 +149,10 @@ class SamplingParams:
             self.top_k = -1
 
     @property
-    def has_penalties(self) -> bool:
+    def adjusts_logits(self) -> bool:
+        """Whether sampling/penalizer.py has work for this request."""
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-                or self.min_new_tokens > 0)  # fmt: skip
+                or self.min_new_tokens > 0 or bool(self.logit_bias))  # fmt: skip
 
     @property
     def is_greedy(self) -> bool:

@@ -60,6 +60,7 @@ class _SamplingFields(_Strict):
     rid: str | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     repetition_penalty: float | None = None  # SGLang / vLLM extensions from here
     min_tokens: int | None = None
 
@@ -83,7 +84,7 @@ class CompletionRequest(_SamplingFields):
 # Neutral values per field (None always passes). Benchmark clients send several of these on every
 # request: SGLang's and vLLM's completions clients `best_of: 1`, chat SDKs `tools: []`.
 _NEUTRAL_SAMPLING = {
-    **{name: NEUTRAL_SAMPLING[name] for name in ("logit_bias", "regex", "json_schema", "ebnf")},
+    **{name: NEUTRAL_SAMPLING[name] for name in ("regex", "json_schema", "ebnf")},
     "best_of": (1,), "lora_path": (), "return_hidden_states": (False,),
 }  # fmt: skip
 NEUTRAL_CHAT_FIELDS = {

@@ -104,6 +104,7 @@ def sampling_params_dict(req: Any, max_tokens: int | None, choice: int) -> dict:
         "presence_penalty": req.presence_penalty,
         "repetition_penalty": req.repetition_penalty,
         "min_new_tokens": req.min_tokens,
+        "logit_bias": req.logit_bias,
         # n copies of one seeded request must not be identical, so each choice gets its own seed.
         "seed": None if req.seed is None else req.seed + choice,
         "stop": req.stop if req.stop is not None else [],

@@ -69,7 +69,8 @@ class OpenAIServingChat(ServingBase):
             raise OpenAIError("chat completions need a tokenizer; this server runs with --skip-tokenizer-init")
         for i, m in enumerate(req.messages):
             if m.tool_calls:
-                raise OpenAIError(f"messages[{i}].tool_calls: tool calls are not supported by this server", param=f"messages.{i}.tool_calls")
+                param = f"messages.{i}.tool_calls"
+                raise OpenAIError(f"{param}: tool calls are not supported by this server", param=param)
         messages = [m.template_fields() for m in req.messages]
         for i, m in enumerate(messages):
             if m.get("content") is None and m["role"] != "assistant":

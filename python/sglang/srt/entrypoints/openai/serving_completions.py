@@ -53,7 +53,8 @@ class OpenAIServingCompletion(ServingBase):
     def _build_inputs(self, req: CompletionRequest) -> list[GenerateReqInput]:
         check_common(req, req.max_tokens)
         if req.echo and req.logprobs is not None:
-            raise OpenAIError("echo with logprobs needs the prompt's logprobs, which this server does not return", param="echo")
+            raise OpenAIError("echo with logprobs needs the prompt's logprobs, which this server does not return",
+                              param="echo")  # fmt: skip
         self._echoes(req)  # a prompt it cannot echo is a 400 before anything runs
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
             raise OpenAIError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
