@@ -94,6 +94,11 @@ def test_logprobs(engine):
     assert [t for _, t, _ in lps] == out["output_ids"]
     tops = out["meta_info"]["output_top_logprobs"]
     assert all(len(t) == 2 and t[0][1] == tok for t, tok in zip(tops, out["output_ids"]))
+    # The prompt's too, from logprob_start_len on (values: test_server_compat.py)
+    scored = engine.generate(prompt=PROMPTS[0], sampling_params={"max_new_tokens": 1, **GREEDY}, return_logprob=True,
+                             logprob_start_len=2)  # fmt: skip
+    prompt_ids = engine.tokenizer_manager.tokenizer.encode(PROMPTS[0])
+    assert [t for _, t, _ in scored["meta_info"]["input_token_logprobs"]] == prompt_ids[2:]
 
 
 def test_prefix_cache_hits_show_in_meta_info(engine):

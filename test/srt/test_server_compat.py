@@ -93,11 +93,11 @@ def test_chat_accepts_neutral_tool_fields_and_replayed_assistant_turns(demo_serv
     "path,body,field",
     [
         ("/generate", {"text": "hi", "lora_path": "my-adapter"}, "lora_path"),
-        ("/generate", {"text": "hi", "logprob_start_len": 0}, "logprob_start_len"),
+        ("/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": 1000}, "logprob_start_len"),
         ("/generate", {"text": "hi", "sampling_params": {"regex": "a+"}}, "regex"),
         ("/generate", {"text": "hi", "sampling_params": {"n": 2}}, "'n'"),
         ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of"),
-        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+        ("/v1/completions", {"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 0}, "max_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"}, "reasoning_effort"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}, "logit_bias"),
@@ -211,3 +211,61 @@ def test_tokenize_and_detokenize_round_trip(demo_server):
     for path, body in (("/tokenize", {"prompt": 5}), ("/detokenize", {"tokens": [10**9]}), ("/detokenize", {"tokens": "x"})):
         r = post(demo_server, path, body)
         assert r.status_code == 400 and r.json()["error"]["message"], (path, r.text)
+
+
+def test_prompt_logprobs_equal_the_models_across_chunks_and_the_prefix_cache(demo_server):
+    """logprob_start_len: the prompt's logprobs from that position on, equal to log_softmax of the
+    model's logits over the whole prompt (the demo server prefills 64-token chunks, so a 150-token
+    prompt takes three; the second request finds the first one's prefix cached up to its start)."""
+    import torch
+
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang.srt.server_args import ServerArgs
+    from sglang.test.static_batch import prefill, release
+
+    ids = [(i * 37) % 500 + 3 for i in range(150)]
+    args = ServerArgs(model_path=DEMO_MODEL, device="cpu", dtype="float32", max_total_tokens=1024)
+    runner = ModelRunner(args, ModelConfig.from_server_args(args))
+    batch, out = prefill(runner, [ids], return_all_logits=True)
+    release(runner, batch)
+    ref = torch.log_softmax(out.all_logits.float(), dim=-1)
+    for start in (0, 100):
+        body = {"input_ids": ids, "return_logprob": True, "logprob_start_len": start, "top_logprobs_num": 2,
+                "sampling_params": {"max_new_tokens": 2, "temperature": 0}}  # fmt: skip
+        meta = post(demo_server, "/generate", body).json()["meta_info"]
+        got = meta["input_token_logprobs"]
+        assert [t for _, t, _ in got] == ids[start:]
+        if start == 0:
+            assert got[0][0] is None and meta["input_top_logprobs"][0] is None
+            got, tops = got[1:], meta["input_top_logprobs"][1:]
+        else:
+            tops = meta["input_top_logprobs"]
+            assert 0 < meta["cached_tokens"] <= start - 1  # the prefix cache stops short of the scored rows
+        first = max(start, 1)
+        expected = torch.stack([ref[p - 1, ids[p]] for p in range(first, len(ids))])
+        assert torch.allclose(torch.tensor([lp for lp, _, _ in got]), expected, atol=1e-4)
+        ref_top = ref[first - 1 : len(ids) - 1].topk(2, dim=-1)
+        assert [[t for _, t, _ in top] for top in tops] == ref_top.indices.tolist()
+        assert len(meta["output_token_logprobs"]) == 2
+
+
+def test_completions_echo_with_logprobs_scores_the_prompt(demo_server):
+    """What lm-eval's loglikelihood requests send: echo, logprobs and a short completion. The prompt's
+    tokens lead the logprobs (the first with null), with the values /generate's prompt logprobs give,
+    and the stream carries the same."""
+    ids = [(i * 11) % 300 + 5 for i in range(20)]
+    body = {"model": DEMO_MODEL, "prompt": ids, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "echo": True, "logprobs": 2}
+    choice = post(demo_server, "/v1/completions", body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 3 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(v, float) for v in lp["token_logprobs"][1:]) and all(len(t) == 2 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    native = post(demo_server, "/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+                                             "sampling_params": {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}})  # fmt: skip
+    meta = native.json()["meta_info"]
+    assert lp["token_logprobs"] == [v for v, _, _ in meta["input_token_logprobs"]] + [v for v, _, _ in meta["output_token_logprobs"]]
+    events = sse_events(demo_server, "/v1/completions", {**body, "stream": True})
+    parts = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"]]
+    assert [v for p in parts for v in p["token_logprobs"]] == lp["token_logprobs"]
+    assert "".join(c["text"] for e in events for c in e["choices"]) == choice["text"]

@@ -78,11 +78,14 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         return_logprob: bool | list[bool] = False,
         top_logprobs_num: int | list[int] = 0,
+        logprob_start_len: int | list[int] = -1,
     ) -> dict | list[dict]:
-        """One dict per prompt: text (with a tokenizer), output_ids (generated ids only), meta_info."""
+        """One dict per prompt: text (with a tokenizer), output_ids (generated ids only), meta_info
+        (with return_logprob, the output's logprobs, and the prompt's from logprob_start_len on)."""
         obj = GenerateReqInput(
-            text=prompt, input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob, top_logprobs_num=top_logprobs_num
-        )
+            text=prompt, input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num, logprob_start_len=logprob_start_len,
+        )  # fmt: skip
         return self.loop.run_until_complete(self._collect(obj))
 
     async def _collect(self, obj: GenerateReqInput):

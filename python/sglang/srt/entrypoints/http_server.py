@@ -37,12 +37,14 @@ from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "return_logprob", "top_logprobs_num", "rid"}
+GENERATE_FIELDS = {
+    "text", "input_ids", "sampling_params", "stream", "return_logprob", "top_logprobs_num", "logprob_start_len", "rid",
+}  # fmt: skip
 # SGLang's other GenerateReqInput fields, passed at the values that turn them off (upstream
-# bench_serving sends `lora_path: null, logprob_start_len: -1` on every request); other values are a
-# 400. Logprob entries always carry the token text, so return_text_in_logprobs may be either.
+# bench_serving sends `lora_path: null` on every request); other values are a 400. Logprob entries
+# always carry the token text, so return_text_in_logprobs may be either.
 NEUTRAL_GENERATE_FIELDS = {
-    "lora_path": (), "logprob_start_len": (-1,), "return_text_in_logprobs": (True, False), "image_data": (),
+    "lora_path": (), "return_text_in_logprobs": (True, False), "image_data": (),
     "video_data": (), "audio_data": (), "modalities": ([],), "custom_logit_processor": (),
     "return_hidden_states": (False,), "return_routed_experts": (False,), "session_params": (),
     "data_parallel_rank": (), "bootstrap_host": (), "bootstrap_port": (), "bootstrap_room": (),

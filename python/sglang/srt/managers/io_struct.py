@@ -26,6 +26,8 @@ class GenerateReqInput:
     stream: bool = False
     return_logprob: bool | list[bool] = False
     top_logprobs_num: int | list[int] = 0
+    # With return_logprob: also the prompt's logprobs from this position on (SGLang's; -1: none).
+    logprob_start_len: int | list[int] = -1
 
     def __post_init__(self):
         if (self.text is None) == (self.input_ids is None):
@@ -51,6 +53,7 @@ class GenerateReqInput:
             stream=self.stream,
             return_logprob=pick(self.return_logprob),
             top_logprobs_num=pick(self.top_logprobs_num),
+            logprob_start_len=pick(self.logprob_start_len),
         )
 
 
@@ -69,6 +72,7 @@ class TokenizedGenerateReqInput:
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # prompt logprobs from this position on; -1: none
 
 
 @dataclass
@@ -102,6 +106,9 @@ class ReqOutput:
     # (logprob, token_id) per new token and the top alternatives, when requested
     token_logprobs: list[tuple[float, int]] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    # The prompt's, from logprob_start_len on (the first prompt token's is None), in the first output.
+    input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
 
 
 @dataclass

@@ -80,6 +80,7 @@ class Req:
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
         seed: int = 0,
+        logprob_start_len: int = -1,
     ):
         self.rid = rid
         self.origin_input_ids = list(input_ids)
@@ -111,6 +112,17 @@ class Req:
         self.sent_len = 0  # output tokens already reported to the TokenizerManager
         self.token_logprobs: list[tuple[float, int]] = []
         self.top_logprobs: list[list[tuple[float, int]]] = []
+        # Prompt logprobs from logprob_start_len on (managers/prompt_logprobs.py); position 0 has none.
+        self.input_token_logprobs: list[tuple[float | None, int]] = []
+        self.input_top_logprobs: list[list[tuple[float, int]] | None] = []
+        self.input_logprob_next: int | None = None  # the next prompt position still to score
+        if return_logprob and logprob_start_len >= 0:
+            if logprob_start_len == 0:
+                self.input_token_logprobs.append((None, self.origin_input_ids[0]))
+                if top_logprobs_num:
+                    self.input_top_logprobs.append(None)
+            first = max(logprob_start_len, 1)
+            self.input_logprob_next = first if first < len(self.origin_input_ids) else None
 
     @property
     def fill_ids(self) -> list[int]:

@@ -56,12 +56,20 @@ from sglang.srt.managers.io_struct import (
     SchedulerCrashed,
     TokenizedGenerateReqInput,
 )
-from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, Req, ScheduleBatch, write_req_to_token
+from sglang.srt.managers import prompt_logprobs
+from sglang.srt.managers.schedule_batch import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    Req,
+    ScheduleBatch,
+    pack_to_device,
+    write_req_to_token,
+)
 from sglang.srt.managers.schedule_policy import AddReqResult, PrefillAdder, SwaPolicy, order_waiting_queue
 from sglang.srt.managers.scheduler_log import SchedulerLog
 from sglang.srt.mem_cache.memory_pool import free_swa_outside_window
 from sglang.srt.mem_cache.radix_cache import RadixCache
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.forward_batch_info import ForwardMode, LogitsProcessorOutput
 from sglang.srt.sampling.penalizer import PenaltyState, apply_penalties, record_sampled
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglang.srt.utils import to_device
@@ -131,6 +139,7 @@ class InflightStep:
     sample_reqs: list[Req]
     sampled: SamplerOutput | None  # on the device: a decode launched ahead takes its input ids here
     sampled_host: SamplerOutput | None  # the same, being copied to the host
+    prompt_logprobs: tuple[prompt_logprobs.PromptLogprobPlan, LogitsProcessorOutput] | None = None
 
 
 class Scheduler:
@@ -253,7 +262,8 @@ class Scheduler:
     def add_request(self, recv: TokenizedGenerateReqInput) -> None:
         params = recv.sampling_params
         params.fill_defaults(self.generation_defaults)
-        req = Req(recv.rid, recv.input_ids, params, recv.stream, recv.return_logprob, recv.top_logprobs_num, seed=self._next_seed())
+        req = Req(recv.rid, recv.input_ids, params, recv.stream, recv.return_logprob, recv.top_logprobs_num,
+                  seed=self._next_seed(), logprob_start_len=recv.logprob_start_len)  # fmt: skip
         error = self._validate(req)
         if error is not None:
             self._finish(req, FINISH_ABORT(error, status_code=400))
@@ -439,8 +449,12 @@ class Scheduler:
     def _match_prefix(self, req: Req) -> None:
         if req.req_pool_idx is not None:
             return  # a chunked request continues from its own KV
-        # The last token is left out so at least one token is computed, giving the next logits.
-        match = self.tree_cache.match(req.fill_ids[:-1])
+        # The last token is left out so at least one token is computed, giving the next logits; the
+        # rows still to score prompt logprobs must be computed too.
+        key = req.fill_ids[:-1]
+        if req.input_logprob_next is not None:
+            key = key[: max(req.input_logprob_next - 1, 0)]
+        match = self.tree_cache.match(key)
         req.prefix_indices, req.prefix_swa, req.last_node = match.full, match.swa, match.node
         req.kv_len = len(req.prefix_indices)
 
@@ -554,6 +568,10 @@ class Scheduler:
         fb = batch.to_forward_batch(self.device, input_ids)
         write_req_to_token(fb, self.req_to_token_pool.req_to_token, self.req_to_token_pool.req_to_swa_token)
         sample_rows = [i for i, r in enumerate(batch.reqs) if input_ids is not None or r.is_prefill_done_after_step()]
+        scored = prompt_logprobs.plan(batch.reqs) if batch.forward_mode.is_extend() else None
+        if scored is not None:
+            fb.logprob_rows, fb.logprob_targets = pack_to_device([scored.rows, scored.targets], self.device)
+            fb.logprob_top_k = scored.top_k
         output = self.model_runner.forward(fb)
         if batch.forward_mode.is_extend():
             running = {id(r) for r in self.running_reqs}
@@ -571,12 +589,15 @@ class Scheduler:
             logits = output.next_token_logits
             # Decode samples every row: indexing would copy the whole [B, vocab] logits.
             sampled = self._sample(sample_reqs, logits if len(sample_rows) == len(logits) else logits[sample_rows])
-        return InflightStep(batch, sample_reqs, sampled, sampled.to_host_async() if sampled is not None else None)
+        return InflightStep(batch, sample_reqs, sampled, sampled.to_host_async() if sampled is not None else None,
+                            (scored, output) if scored is not None else None)  # fmt: skip
 
     def process_batch_result(self, step: InflightStep) -> None:
         """Read a launched step's samples back, append them, and finish, keep or emit each request.
         Requests that finished meanwhile (a decode launched ahead of their last token, an abort)
         are skipped."""
+        if step.prompt_logprobs is not None:
+            prompt_logprobs.store(*step.prompt_logprobs)
         for req in step.batch.reqs:
             if req.to_abort is not None and not req.finished():
                 self._release(req)
@@ -651,6 +672,8 @@ class Scheduler:
                 cached_tokens=req.cached_tokens,
                 token_logprobs=req.token_logprobs[start:],
                 top_logprobs=req.top_logprobs[start:],
+                input_token_logprobs=req.input_token_logprobs if start == 0 else [],
+                input_top_logprobs=req.input_top_logprobs if start == 0 else [],
             )
         )
         req.sent_len = len(req.output_ids)

@@ -56,6 +56,8 @@ class ReqState:
     cached_tokens: int = 0
     token_logprobs: list[tuple[float, int]] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)
     created: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -157,6 +159,8 @@ class TokenizerManager:
         state.prompt_tokens, state.completion_tokens, state.cached_tokens = out.prompt_tokens, out.completion_tokens, out.cached_tokens
         state.token_logprobs.extend(out.token_logprobs)
         state.top_logprobs.extend(out.top_logprobs)
+        state.input_token_logprobs.extend(out.input_token_logprobs)
+        state.input_top_logprobs.extend(out.input_top_logprobs)
         self.metrics.observe_tokens(len(ids), now - state.created, None if state.last_token_time is None else now - state.last_token_time)
         if ids:
             state.first_token_time = state.first_token_time or now
@@ -209,6 +213,9 @@ class TokenizerManager:
         top_n = int(obj.top_logprobs_num or 0)
         if top_n < 0 or top_n > self.vocab_size:
             raise ValueError(f"top_logprobs_num must be in [0, {self.vocab_size}]")
+        start = obj.logprob_start_len if obj.logprob_start_len is not None else -1
+        if not isinstance(start, int) or isinstance(start, bool) or not -1 <= start < n:
+            raise ValueError(f"logprob_start_len must be -1 (no prompt logprobs) or in [0, {n}) for this prompt, got {start!r}")
         return TokenizedGenerateReqInput(
             rid=obj.rid if isinstance(obj.rid, str) else new_rid(),
             input_ids=input_ids,
@@ -216,6 +223,7 @@ class TokenizerManager:
             stream=obj.stream,
             return_logprob=bool(obj.return_logprob),
             top_logprobs_num=top_n if obj.return_logprob else 0,
+            logprob_start_len=start if obj.return_logprob else -1,
         )
 
     async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[dict | list[dict]]:
@@ -282,6 +290,10 @@ class TokenizerManager:
         if state.return_logprob:
             meta["output_token_logprobs"] = [(lp, t, self.token_text(t)) for lp, t in state.token_logprobs]
             meta["output_top_logprobs"] = [[(lp, t, self.token_text(t)) for lp, t in top] for top in state.top_logprobs]
+            if state.input_token_logprobs:
+                meta["input_token_logprobs"] = [(lp, t, self.token_text(t)) for lp, t in state.input_token_logprobs]
+                meta["input_top_logprobs"] = [None if top is None else [(lp, t, self.token_text(t)) for lp, t in top]
+                                              for top in state.input_top_logprobs]  # fmt: skip
         out: dict[str, Any] = {"output_ids": list(state.output_ids), "meta_info": meta}
         if state.detok is not None:
             out["text"] = state.detok.visible_text()

@@ -36,8 +36,13 @@ class ForwardBatch:
     out_cache_loc: torch.Tensor  # [T] int64, KV slot each new token writes
     # [T] int64, swa slot of each new token on sliding layers; None when the pool has one slot space.
     swa_out_cache_loc: torch.Tensor | None = None
-    # When set, logits for every new token come back (tests, prompt logprobs); else the last only.
+    # When set, logits for every new token come back (tests); else the last only.
     return_all_logits: bool = False
+    # Prompt logprobs: rows of the new tokens whose next token's logprob is wanted, those next tokens,
+    # and how many top alternatives (the LM head runs on these rows only, a slice at a time).
+    logprob_rows: torch.Tensor | None = None
+    logprob_targets: torch.Tensor | None = None
+    logprob_top_k: int = 0
     # Host copies, so attention metadata needs no device sync.
     seq_lens_cpu: list[int] = field(default_factory=list)
     extend_seq_lens_cpu: list[int] = field(default_factory=list)
@@ -76,3 +81,7 @@ class ForwardBatch:
 class LogitsProcessorOutput:
     next_token_logits: torch.Tensor  # [B, V] fp32, last new token of each request
     all_logits: torch.Tensor | None = None  # [T, V] fp32 when ForwardBatch.return_all_logits
+    # For ForwardBatch.logprob_rows [R]: the targets' logprobs [R] and the top-k [R, k] (values, ids).
+    input_logprobs: torch.Tensor | None = None
+    input_top_logprobs: torch.Tensor | None = None
+    input_top_ids: torch.Tensor | None = None

@@ -293,9 +293,28 @@ class Gemma4ForCausalLM(torch.nn.Module):
         if forward_batch.return_all_logits:
             all_logits = self.compute_logits(hidden)
             return LogitsProcessorOutput(all_logits[self._last_token_index(forward_batch, hidden)], all_logits)
+        prompt = self._prompt_logprobs(hidden, forward_batch) if forward_batch.logprob_rows is not None else {}
         if not forward_batch.forward_mode.is_decode():
             hidden = hidden[self._last_token_index(forward_batch, hidden)]
-        return LogitsProcessorOutput(next_token_logits=self.compute_logits(hidden))
+        return LogitsProcessorOutput(next_token_logits=self.compute_logits(hidden), **prompt)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, fb: ForwardBatch, rows_per_slice: int = 1024) -> dict:
+        """log p(target) and the top-k for the rows fb.logprob_rows, a slice of rows at a time so that
+        a long prompt never holds [T, vocab] logits at once."""
+        lps, tops, ids = [], [], []
+        for start in range(0, len(fb.logprob_rows), rows_per_slice):
+            rows = fb.logprob_rows[start : start + rows_per_slice]
+            logprobs = torch.log_softmax(self.compute_logits(hidden[rows]).float(), dim=-1)
+            lps.append(logprobs.gather(1, fb.logprob_targets[start : start + rows_per_slice, None]).squeeze(1))
+            if fb.logprob_top_k:
+                top = logprobs.topk(fb.logprob_top_k, dim=-1)
+                tops.append(top.values)
+                ids.append(top.indices)
+        return {
+            "input_logprobs": torch.cat(lps),
+            "input_top_logprobs": torch.cat(tops) if tops else None,
+            "input_top_ids": torch.cat(ids) if ids else None,
+        }
 
     @staticmethod
     def _last_token_index(forward_batch: ForwardBatch, hidden: torch.Tensor) -> torch.Tensor:

@@ -188,20 +188,26 @@ def chat_logprobs(meta: dict, start: int, end: int | None = None) -> dict:
     return {"content": content}
 
 
-def completion_logprobs(meta: dict, start: int, end: int | None, text_offset: int) -> dict:
-    """Legacy completions `logprobs` for output tokens [start, end)."""
-    toks = meta.get("output_token_logprobs", [])[start:end]
-    tops = meta.get("output_top_logprobs", [])[start:end]
+def completion_logprobs(meta: dict, start: int, end: int | None, text_offset: int, kind: str = "output") -> dict:
+    """Legacy completions `logprobs` for output tokens [start, end), or with kind "input" for the
+    prompt's tokens (the first has no logprob: null, as its top_logprobs)."""
+    toks = meta.get(f"{kind}_token_logprobs", [])[start:end]
+    tops = meta.get(f"{kind}_top_logprobs", [])[start:end]
     offsets, pos = [], text_offset
     for _lp, _t, text in toks:
         offsets.append(pos)
         pos += len(text or "")
+    top = [tops[i] if i < len(tops) else [] for i in range(len(toks))]
     return {
         "tokens": [t for _lp, _id, t in toks],
         "token_logprobs": [lp for lp, _id, _t in toks],
-        "top_logprobs": [{t: lp for lp, _id, t in (tops[i] if i < len(tops) else [])} for i in range(len(toks))],
+        "top_logprobs": [None if alts is None else {t: lp for lp, _id, t in alts} for alts in top],
         "text_offset": offsets,
     }
+
+
+def joined_logprobs(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
 
 
 def finish_reason_str(reason: dict | None) -> str | None:

@@ -19,6 +19,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     choice_usage,
     error_from_abort,
     completion_logprobs,
+    joined_logprobs,
     finish_reason_str,
     new_id,
     now,
@@ -52,9 +53,10 @@ class OpenAIServingCompletion(ServingBase):
 
     def _build_inputs(self, req: CompletionRequest) -> list[GenerateReqInput]:
         check_common(req, req.max_tokens)
-        if req.echo and req.logprobs is not None:
-            raise OpenAIError("echo with logprobs needs the prompt's logprobs, which this server does not return",
-                              param="echo")  # fmt: skip
+        scored = req.echo and req.logprobs is not None  # the prompt's logprobs too (e.g. lm-eval's loglikelihood)
+        if scored and req.max_tokens == 0:
+            raise OpenAIError("echo with logprobs needs max_tokens >= 1 here (the prompt is scored with the first token)",
+                              param="max_tokens")  # fmt: skip
         self._echoes(req)  # a prompt it cannot echo is a 400 before anything runs
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
             raise OpenAIError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="logprobs")
@@ -68,6 +70,7 @@ class OpenAIServingCompletion(ServingBase):
                         stream=req.stream,
                         return_logprob=req.logprobs is not None,
                         top_logprobs_num=req.logprobs or 0,
+                        logprob_start_len=0 if scored else -1,
                     )
                 )
         return objs
@@ -80,6 +83,13 @@ class OpenAIServingCompletion(ServingBase):
         if self.tm.tokenizer is None and any("text" not in p for p in prompts):
             raise OpenAIError("echo of token-id prompts needs a tokenizer; this server runs with --skip-tokenizer-init", param="echo")
         return [p["text"] if "text" in p else self.tm.tokenizer.decode(p["input_ids"]) for p in prompts]
+
+    @staticmethod
+    def _logprobs(req: CompletionRequest, meta: dict, echo: str) -> dict | None:
+        if req.logprobs is None:
+            return None
+        out = completion_logprobs(meta, 0, None, len(echo))
+        return joined_logprobs(completion_logprobs(meta, 0, None, 0, "input"), out) if req.echo else out
 
     def _response(self, req: CompletionRequest, outs: list[dict]) -> dict:
         choices, prompt_tokens, cached = [], 0, 0
@@ -96,7 +106,7 @@ class OpenAIServingCompletion(ServingBase):
                 {
                     "index": i,
                     "text": echoes[i // req.n] + out.get("text", ""),
-                    "logprobs": completion_logprobs(meta, 0, None, 0) if req.logprobs is not None else None,
+                    "logprobs": self._logprobs(req, meta, echoes[i // req.n]),
                     "finish_reason": finish_reason_str(reason),
                     "matched_stop": reason.get("matched") if reason else None,
                 }
@@ -125,15 +135,18 @@ class OpenAIServingCompletion(ServingBase):
             return sse(body)
 
         finals: list[dict | None] = [None] * len(gens)
-        if req.echo:
-            echoes = self._echoes(req)
-            for i in range(len(gens)):
-                yield chunk(i, echoes[i // req.n])
+        echoes, echoed = self._echoes(req), set()
         try:
             async for d in stream_deltas(gens):
+                echo = echoes[d.index // req.n]
+                if req.echo and d.index not in echoed:
+                    # A choice's first update echoes the prompt (whose logprobs are known from then on).
+                    echoed.add(d.index)
+                    prompt_lp = completion_logprobs(d.meta, 0, None, 0, "input") if req.logprobs is not None else None
+                    yield chunk(d.index, echo, None, prompt_lp, d.meta)
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = completion_logprobs(d.meta, d.token_start, d.token_end, d.text_offset)
+                    logprobs = completion_logprobs(d.meta, d.token_start, d.token_end, d.text_offset + len(echo))
                 if d.text or d.reason is not None or (logprobs and logprobs["tokens"]):
                     yield chunk(d.index, d.text, finish_reason_str(d.reason), logprobs, d.meta)
                 if d.reason is not None:
