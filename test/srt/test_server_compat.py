@@ -269,3 +269,37 @@ def test_completions_echo_with_logprobs_scores_the_prompt(demo_server):
     parts = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"]]
     assert [v for p in parts for v in p["token_logprobs"]] == lp["token_logprobs"]
     assert "".join(c["text"] for e in events for c in e["choices"]) == choice["text"]
+
+
+def test_abort_request_ends_requests_with_finish_reason_abort(demo_server):
+    """SGLang's /abort_request: the request ends normally (200) with what it generated so far and
+    finish_reason abort; its KV is freed and the server keeps serving."""
+    import asyncio
+
+    body = {"text": "abort me " * 5, "rid": "to-abort", "stream": True,
+            "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True, "temperature": 0}}  # fmt: skip
+    events = []
+    with httpx.stream("POST", demo_server.url + "/generate", json=body, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    assert post(demo_server, "/abort_request", {"rid": "to-abort"}).status_code == 200
+    last = json.loads(events[-2])
+    assert events[-1] == "[DONE]" and last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < len(last["output_ids"]) < 3000
+
+    async def abort_all_while_running():
+        async with httpx.AsyncClient(timeout=60) as c:
+            task = asyncio.ensure_future(c.post(demo_server.url + "/v1/completions", json={
+                "model": DEMO_MODEL, "prompt": "keep going", "max_tokens": 3000, "ignore_eos": True, "temperature": 0}))  # fmt: skip
+            await asyncio.sleep(0.5)
+            assert (await c.post(demo_server.url + "/abort_request", json={"abort_all": True})).status_code == 200
+            return await task
+
+    r = asyncio.run(abort_all_while_running())
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "abort"
+    assert demo_server.wait_idle(timeout=60)["kv_used_tokens"] == 0
+    assert post(demo_server, "/abort_request", {"rid": "no-such-request"}).status_code == 200
+    assert post(demo_server, "/abort_request", {}).status_code == 400
+    assert post(demo_server, "/generate", {"text": "still serving", "sampling_params": GREEDY}).status_code == 200

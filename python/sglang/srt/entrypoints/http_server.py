@@ -21,7 +21,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     SSE_DONE,
     OpenAIError,
     drop_neutral,
-    error_from_abort,
+    abort_error,
     gather_all,
     now,
     read_json_body,
@@ -147,6 +147,17 @@ def create_app(tm: TokenizerManager, server_args: ServerArgs) -> FastAPI:
     async def v1_completions(request: Request):
         return await completions.handle(request)
 
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        """SGLang's: {"rid": ..., "abort_all": false}. The request ends with finish_reason abort and
+        what it generated so far; an unknown rid is ignored."""
+        body = await read_json_body(request)
+        rid, everything = body.get("rid"), body.get("abort_all", False)
+        if not isinstance(everything, bool) or not (everything or isinstance(rid, str)):
+            raise OpenAIError("give a request id as 'rid', or 'abort_all': true", param="rid")
+        await tm.abort_by_client(None if everything else rid)
+        return Response(status_code=200)
+
     @app.post("/tokenize")
     @app.post("/v1/tokenize")
     async def tokenize(request: Request):
@@ -214,18 +225,16 @@ async def _native_generate(tm: TokenizerManager, request: Request):
         return StreamingResponse(_native_stream(tm, items, obj.is_single), media_type="text/event-stream")
     outs = await run_watching_disconnect(request, gather_all(tm, items))
     for out in outs:
-        reason = out["meta_info"]["finish_reason"]
-        if reason and reason.get("type") == "abort":
-            raise error_from_abort(reason)
+        if (error := abort_error(out["meta_info"]["finish_reason"])) is not None:
+            raise error
     return JSONResponse(outs[0] if obj.is_single else outs)
 
 
 async def _native_stream(tm: TokenizerManager, items: list, is_single: bool):
     gens = [tm.generate_tokenized(t) for t in items]
     async for out in TokenizerManager.merge_streams(gens):
-        reason = out["meta_info"]["finish_reason"]
-        if reason and reason.get("type") == "abort":
-            yield sse(error_from_abort(reason).body())
+        if (error := abort_error(out["meta_info"]["finish_reason"])) is not None:
+            yield sse(error.body())
             break
         if is_single:
             out.pop("index", None)

@@ -340,6 +340,14 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
+    async def abort_by_client(self, rid: str | None) -> None:
+        """/abort_request: stop `rid` (None: every request) and let its waiter see the abort as its
+        finish (abort_request below is for a waiter that is gone)."""
+        if self.dead_reason is not None:
+            return
+        for r in list(self.rid_to_state) if rid is None else [rid] if rid in self.rid_to_state else []:
+            await self.send_to_scheduler.send_pyobj(AbortReq(r))
+
     async def abort_request(self, rid: str) -> None:
         if self.rid_to_state.pop(rid, None) is None or self.dead_reason is not None:
             return

@@ -45,9 +45,13 @@ def _default_type(status_code: int) -> str:
     )
 
 
-def error_from_abort(reason: dict) -> OpenAIError:
-    status = reason.get("status_code") or 500
-    return OpenAIError(reason.get("message") or "request aborted", status_code=status)
+def abort_error(reason: dict | None) -> OpenAIError | None:
+    """The error a request the server refused or failed answers with; None for other finishes,
+    including an abort through /abort_request (no status), which ends normally with finish_reason
+    "abort", as in SGLang."""
+    if not reason or reason.get("type") != "abort" or reason.get("status_code") is None:
+        return None
+    return OpenAIError(reason.get("message") or "request aborted", status_code=reason["status_code"])
 
 
 async def read_json_body(request: Request) -> dict:
@@ -213,7 +217,7 @@ def joined_logprobs(a: dict, b: dict) -> dict:
 def finish_reason_str(reason: dict | None) -> str | None:
     if reason is None:
         return None
-    return {"stop": "stop", "length": "length"}.get(reason.get("type"), "stop")
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(reason.get("type"), "stop")
 
 
 def usage_options(req: Any) -> tuple[bool, bool]:
@@ -256,15 +260,15 @@ class StreamAborted(Exception):
 
 
 async def stream_deltas(gens: list[AsyncIterator[dict]]) -> AsyncIterator[StreamDelta]:
-    """Merge the choices' streams into per-choice increments; an aborted request ends the stream
-    with StreamAborted (the client gets an error event)."""
+    """Merge the choices' streams into per-choice increments; a refused or failed request ends the
+    stream with StreamAborted (the client gets an error event)."""
     sent_text = [""] * len(gens)
     sent_tokens = [0] * len(gens)
     async for out in TokenizerManager.merge_streams(gens):
         i, meta = out["index"], out["meta_info"]
         reason = meta["finish_reason"]
-        if reason and reason.get("type") == "abort":
-            raise StreamAborted(error_from_abort(reason))
+        if (error := abort_error(reason)) is not None:
+            raise StreamAborted(error)
         text, ntok = out.get("text", ""), len(out["output_ids"])
         yield StreamDelta(i, text[len(sent_text[i]) :], sent_tokens[i], ntok, len(sent_text[i]), meta, reason)
         sent_text[i], sent_tokens[i] = text, ntok

@@ -15,7 +15,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     chat_logprobs,
     check_common,
     choice_usage,
-    error_from_abort,
+    abort_error,
     finish_reason_str,
     new_id,
     now,
@@ -91,8 +91,8 @@ class OpenAIServingChat(ServingBase):
         for i, out in enumerate(outs):
             meta = out["meta_info"]
             reason = meta["finish_reason"]
-            if reason and reason.get("type") == "abort":
-                raise error_from_abort(reason)
+            if (error := abort_error(reason)) is not None:
+                raise error
             choices.append(
                 {
                     "index": i,

@@ -17,7 +17,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     StreamAborted,
     check_common,
     choice_usage,
-    error_from_abort,
+    abort_error,
     completion_logprobs,
     joined_logprobs,
     finish_reason_str,
@@ -97,8 +97,8 @@ class OpenAIServingCompletion(ServingBase):
         for i, out in enumerate(outs):
             meta = out["meta_info"]
             reason = meta["finish_reason"]
-            if reason and reason.get("type") == "abort":
-                raise error_from_abort(reason)
+            if (error := abort_error(reason)) is not None:
+                raise error
             if i % req.n == 0:  # count each prompt once, however many choices it has
                 prompt_tokens += meta["prompt_tokens"]
                 cached += meta["cached_tokens"]
