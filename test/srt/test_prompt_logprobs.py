@@ -100,3 +100,21 @@ def test_retracted_requests_are_not_scored_twice():
         got = [lp for lp, _ in out["last"].input_token_logprobs]
         assert len(got) == len(prompt(i)) and got[0] is None
         assert got[1:] == pytest.approx(expected(prompt(i), 0)[1:], abs=1e-4)
+
+
+def test_the_lm_head_runs_a_slice_of_rows_at_a_time_with_the_same_result():
+    from types import SimpleNamespace
+
+    from sglang.srt.models.gemma4_causal import Gemma4ForCausalLM
+
+    gen = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(10, 8, generator=gen), torch.randn(8, VOCAB, generator=gen)
+    model = SimpleNamespace(compute_logits=lambda h: h @ head)
+    fb = SimpleNamespace(logprob_rows=torch.tensor([0, 2, 3, 5, 6, 9, 1]), logprob_targets=torch.tensor([4, 8, 15, 16, 23, 42, 7]),
+                         logprob_top_k=3)  # fmt: skip
+    full = torch.log_softmax(hidden[fb.logprob_rows] @ head, dim=-1)
+    for rows_per_slice in (2, 3, 256):
+        out = Gemma4ForCausalLM._prompt_logprobs(model, hidden, fb, rows_per_slice=rows_per_slice)
+        assert torch.allclose(out["input_logprobs"], full.gather(1, fb.logprob_targets[:, None]).squeeze(1))
+        assert torch.allclose(out["input_top_logprobs"], full.topk(3).values)
+        assert torch.equal(out["input_top_ids"], full.topk(3).indices)

@@ -298,9 +298,10 @@ class Gemma4ForCausalLM(torch.nn.Module):
             hidden = hidden[self._last_token_index(forward_batch, hidden)]
         return LogitsProcessorOutput(next_token_logits=self.compute_logits(hidden), **prompt)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, fb: ForwardBatch, rows_per_slice: int = 1024) -> dict:
+    def _prompt_logprobs(self, hidden: torch.Tensor, fb: ForwardBatch, rows_per_slice: int = 256) -> dict:
         """log p(target) and the top-k for the rows fb.logprob_rows, a slice of rows at a time so that
-        a long prompt never holds [T, vocab] logits at once."""
+        a long prompt never holds [T, vocab] logits at once (256 rows of Gemma 4's 262k vocabulary:
+        ~270 MB of fp32 logprobs)."""
         lps, tops, ids = [], [], []
         for start in range(0, len(fb.logprob_rows), rows_per_slice):
             rows = fb.logprob_rows[start : start + rows_per_slice]
