@@ -4,6 +4,7 @@ and any other value is rejected by name, never silently ignored."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,18 +26,47 @@ class ContentPart(_Strict):
     text: str
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    # What other servers put in an assistant turn that is replayed as history. Not shown to the
-    # template (this server makes no tool calls and has no reasoning parser); tool calls must be empty.
-    tool_calls: list[dict] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls, replayed as history
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    # What other servers put in an assistant turn; not shown to the template (no reasoning parser here).
     refusal: str | None = None
     reasoning_content: str | None = None
 
     def template_fields(self) -> dict:
-        return self.model_dump(include={"role", "content", "name"}, exclude_none=True)
+        """The message as chat templates read it: a call's arguments as a mapping, not JSON text."""
+        out = self.model_dump(include={"role", "content", "name", "tool_call_id"}, exclude_none=True)
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                  "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]  # fmt: skip
+        return out
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other JSON-schema fields reach the template as they are
+
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class _SamplingFields(_Strict):
@@ -66,12 +96,19 @@ class _SamplingFields(_Strict):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    @property
+    def uses_tools(self) -> bool:
+        """Tools are rendered into the prompt and calls read back from the answer."""
+        return bool(self.tools) and self.tool_choice != "none"
+
     messages: list[ChatMessage] = Field(default_factory=list)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     chat_template_kwargs: dict | None = None  # SGLang / vLLM: extra variables for the chat template
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto"] | None = None  # "required" and named choices are not supported
 
 
 class CompletionRequest(_SamplingFields):
@@ -89,7 +126,7 @@ _NEUTRAL_SAMPLING = {
 }  # fmt: skip
 NEUTRAL_CHAT_FIELDS = {
     **_NEUTRAL_SAMPLING,
-    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "functions": ([],), "function_call": ("none", "auto"),
     "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "audio": (),
     "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": ("auto", "default"),
     "store": (False,), "metadata": ({},), "web_search_options": (), "suffix": (),

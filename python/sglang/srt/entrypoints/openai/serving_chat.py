@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import AsyncIterator
 
 
@@ -25,15 +26,20 @@ from sglang.srt.entrypoints.openai.serving_base import (
     usage,
     usage_options,
 )
+from sglang.srt.entrypoints.openai.tool_calls import HeldContent, split_tool_calls
 from sglang.srt.managers.io_struct import GenerateReqInput
 
 
-# apply_chat_template arguments that this handler sets or that would change what it returns (tools:
-# this server makes no tool calls), so chat_template_kwargs may not.
+# apply_chat_template arguments that this handler sets or that would change what it returns, so
+# chat_template_kwargs may not.
 _TEMPLATE_ARGS_SET_HERE = {
     "conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message", "chat_template",
     "return_dict", "return_tensors", "tools",
 }  # fmt: skip
+
+
+# Calls are marked by special tokens, which the text must keep, unpadded, to be read back.
+_KEEP_CALL_MARKERS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
 
 
 class OpenAIServingChat(ServingBase):
@@ -54,7 +60,7 @@ class OpenAIServingChat(ServingBase):
         return [
             GenerateReqInput(
                 input_ids=input_ids,
-                sampling_params=sampling_params_dict(req, max_tokens, i),
+                sampling_params={**sampling_params_dict(req, max_tokens, i), **(_KEEP_CALL_MARKERS if req.uses_tools else {})},
                 stream=req.stream,
                 return_logprob=req.logprobs,
                 top_logprobs_num=req.top_logprobs or 0,
@@ -67,11 +73,10 @@ class OpenAIServingChat(ServingBase):
         tokenizer = self.tm.tokenizer
         if tokenizer is None:
             raise OpenAIError("chat completions need a tokenizer; this server runs with --skip-tokenizer-init")
-        for i, m in enumerate(req.messages):
-            if m.tool_calls:
-                param = f"messages.{i}.tool_calls"
-                raise OpenAIError(f"{param}: tool calls are not supported by this server", param=param)
-        messages = [m.template_fields() for m in req.messages]
+        try:
+            messages = [m.template_fields() for m in req.messages]
+        except json.JSONDecodeError as e:
+            raise OpenAIError(f"a tool call's arguments are not valid JSON: {e}", param="messages") from None
         for i, m in enumerate(messages):
             if m.get("content") is None and m["role"] != "assistant":
                 raise OpenAIError(f"messages[{i}].content is required for role {m['role']!r}", param=f"messages.{i}.content")
@@ -80,6 +85,8 @@ class OpenAIServingChat(ServingBase):
         if reserved:
             raise OpenAIError(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         try:
+            if req.uses_tools:
+                kwargs = {**kwargs, "tools": [t.model_dump(exclude_none=True) for t in req.tools]}
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         except Exception as e:  # template errors (e.g. role order) are the request's fault
             raise OpenAIError(f"could not apply the chat template: {e}", param="messages") from None
@@ -93,12 +100,17 @@ class OpenAIServingChat(ServingBase):
             reason = meta["finish_reason"]
             if (error := abort_error(reason)) is not None:
                 raise error
+            message, finish = {"role": "assistant", "content": out["text"]}, finish_reason_str(reason)
+            if req.uses_tools:
+                content, calls = split_tool_calls(out["text"])
+                if calls:
+                    message, finish = {"role": "assistant", "content": content.strip() or None, "tool_calls": calls}, "tool_calls"
             choices.append(
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": out["text"]},
+                    "message": message,
                     "logprobs": chat_logprobs(meta, 0) if req.logprobs else None,
-                    "finish_reason": finish_reason_str(reason),
+                    "finish_reason": finish,
                     "matched_stop": reason.get("matched") if reason else None,
                 }
             )
@@ -127,16 +139,21 @@ class OpenAIServingChat(ServingBase):
             return sse(body)
 
         finals: list[dict | None] = [None] * len(gens)
+        held = [HeldContent() for _ in gens] if req.uses_tools else None
         for i in range(len(gens)):
             yield chunk(i, {"role": "assistant", "content": ""})
         try:
             async for d in stream_deltas(gens):
                 logprobs = chat_logprobs(d.meta, d.token_start, d.token_end) if req.logprobs else None
-                if d.text or (logprobs and logprobs["content"]):
-                    yield chunk(d.index, {"content": d.text}, logprobs=logprobs, meta=d.meta)
+                text, calls = held[d.index].add(d.text, d.reason is not None) if held else (d.text, [])
+                if text or (logprobs and logprobs["content"]):
+                    yield chunk(d.index, {"content": text}, logprobs=logprobs, meta=d.meta)
+                if calls:
+                    deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                    yield chunk(d.index, {"tool_calls": deltas}, meta=d.meta)
                 if d.reason is not None:
                     finals[d.index] = d.meta
-                    yield chunk(d.index, {}, finish=finish_reason_str(d.reason), meta=d.meta)
+                    yield chunk(d.index, {}, finish="tool_calls" if calls else finish_reason_str(d.reason), meta=d.meta)
         except StreamAborted as e:
             yield sse(e.error.body())
             yield SSE_DONE
