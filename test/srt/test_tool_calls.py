@@ -22,6 +22,11 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
 
 
+def test_quoted_keys_and_json_strings_are_read_too():
+    _, calls = split_tool_calls(f'<|tool_call>call:f{{{Q}a key{Q}:"json \\"q\\"",b:{Q}x{Q}}}<tool_call|>')
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a key": 'json "q"', "b": "x"}
+
+
 def test_calls_are_parsed_out_of_the_text():
     content, calls = split_tool_calls(f"Let me check. {CALL}{CALL.replace('get_weather', 'get.time')}")
     assert content == "Let me check. "

@@ -1,7 +1,8 @@
 """Gemma 4's native tool calls in generated text, as OpenAI `tool_calls`.
 
 The model writes a call as `<|tool_call>call:NAME{ARGS}<tool_call|>`, ARGS in its own notation: bare
-keys, strings between `<|"|>` delimiters, numbers, true / false / null, nested `{...}` and `[...]`.
+(or `<|"|>`-quoted) keys, strings between `<|"|>` delimiters (JSON-quoted ones are read too),
+numbers, true / false / null, nested `{...}` and `[...]`.
 The chat template renders the tools and earlier calls; this module only reads calls back.
 """
 
@@ -70,6 +71,9 @@ class _Args:
                 raise ValueError("unterminated string")
             s, self.i = t[self.i + len(QUOTE) : end], end + len(QUOTE)
             return s
+        if t.startswith('"', self.i):
+            s, self.i = json.JSONDecoder().raw_decode(t, self.i)
+            return s
         if t.startswith("{", self.i):
             return dict(self.items("}", self.pair))
         if t.startswith("[", self.i):
@@ -86,11 +90,17 @@ class _Args:
 
     def pair(self) -> tuple[str, object]:
         self.skip()
-        colon = self.text.find(":", self.i)
-        key = self.text[self.i : colon].strip()
-        if colon < 0 or not key:
-            raise ValueError("missing key")
-        self.i = colon + 1
+        if self.text.startswith(QUOTE, self.i):
+            key = self.value()
+        else:
+            colon = self.text.find(":", self.i)
+            key, self.i = self.text[self.i : colon].strip(), colon
+            if colon < 0 or not key:
+                raise ValueError("missing key")
+        self.skip()
+        if not self.text.startswith(":", self.i):
+            raise ValueError("expected ':' after a key")
+        self.i += 1
         return key, self.value()
 
     def items(self, close: str, item):
