@@ -84,8 +84,9 @@ def fake_out(text: str, final: bool) -> dict:
 
 
 def test_answers_carry_tool_calls_streamed_or_not():
-    chat, _ = chat_with("{% for m in messages %}{{ m.content }}{% endfor %}")
-    text = f"Checking. {CALL}"
+    chat, tok = chat_with("{% for m in messages %}{{ m.content }}{% endfor %}")
+    special = tok.all_special_tokens[0]  # other special tokens stay out of the content
+    text = f"Check{special}ing. {CALL}"
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
     message = chat._response(req, [fake_out(text, True)])["choices"][0]
     assert message["finish_reason"] == "tool_calls" and message["message"]["content"] == "Checking."
@@ -93,7 +94,7 @@ def test_answers_carry_tool_calls_streamed_or_not():
     params = chat._build_inputs(req)[0].sampling_params  # the markers must survive detokenization, unpadded
     assert (params["skip_special_tokens"], params["spaces_between_special_tokens"]) == (False, False)
     plain = chat._response(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]), [fake_out(text, True)])
-    assert plain["choices"][0]["message"] == {"role": "assistant", "content": text}
+    assert plain["choices"][0]["message"] == {"role": "assistant", "content": text}  # without tools: untouched
 
     async def gen():
         for end in (12, 30, len(text)):

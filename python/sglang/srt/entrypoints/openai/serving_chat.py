@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from typing import AsyncIterator
 
 
@@ -93,6 +95,15 @@ class OpenAIServingChat(ServingBase):
         # The template already emits <bos>; the tokenizer must not add another.
         return tokenizer.encode(prompt, add_special_tokens=False)
 
+    @functools.cached_property
+    def _special_tokens(self) -> re.Pattern | None:
+        specials = sorted(set(getattr(self.tm.tokenizer, "all_special_tokens", None) or []), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    def _visible(self, text: str) -> str:
+        """Content of a tool-enabled answer without special tokens (kept in its text for the calls)."""
+        return self._special_tokens.sub("", text) if self._special_tokens else text
+
     def _response(self, req: ChatCompletionRequest, outs: list[dict]) -> dict:
         choices = []
         for i, out in enumerate(outs):
@@ -103,8 +114,10 @@ class OpenAIServingChat(ServingBase):
             message, finish = {"role": "assistant", "content": out["text"]}, finish_reason_str(reason)
             if req.uses_tools:
                 content, calls = split_tool_calls(out["text"])
+                message["content"] = self._visible(content)
                 if calls:
-                    message, finish = {"role": "assistant", "content": content.strip() or None, "tool_calls": calls}, "tool_calls"
+                    message.update(content=message["content"].strip() or None, tool_calls=calls)
+                    finish = "tool_calls"
             choices.append(
                 {
                     "index": i,
@@ -145,7 +158,10 @@ class OpenAIServingChat(ServingBase):
         try:
             async for d in stream_deltas(gens):
                 logprobs = chat_logprobs(d.meta, d.token_start, d.token_end) if req.logprobs else None
-                text, calls = held[d.index].add(d.text, d.reason is not None) if held else (d.text, [])
+                text, calls = d.text, []
+                if held:
+                    text, calls = held[d.index].add(d.text, d.reason is not None)
+                    text = self._visible(text)
                 if text or (logprobs and logprobs["content"]):
                     yield chunk(d.index, {"content": text}, logprobs=logprobs, meta=d.meta)
                 if calls:
