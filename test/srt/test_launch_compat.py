@@ -206,7 +206,8 @@ def test_sampling_defaults_come_from_the_model_or_openai(mode, expected):
     assert (params.temperature, params.top_k) == expected
 
 
-def test_enable_cache_report_and_sampling_defaults_flags_parse(ckpt, capsys):
-    args = cli(ckpt, "--enable-cache-report", "--sampling-defaults", "openai")
-    assert args.enable_cache_report is True and args.sampling_defaults == "openai"
+def test_enable_cache_report_sampling_defaults_and_reasoning_parser_flags_parse(ckpt, capsys):
+    args = cli(ckpt, "--enable-cache-report", "--sampling-defaults", "openai", "--reasoning-parser", "gemma4")
+    assert args.enable_cache_report is True and args.sampling_defaults == "openai" and args.reasoning_parser == "gemma4"
     assert "invalid choice" in cli_error(ckpt, capsys, "--sampling-defaults", "vllm")
+    assert "invalid choice" in cli_error(ckpt, capsys, "--reasoning-parser", "qwen3")

@@ -1,5 +1,6 @@
 """Tool calls: Gemma 4's native call notation read back as OpenAI tool_calls (streamed and not),
-tools rendered through the chat template, replayed calls and tool results in the history."""
+tools rendered through the chat template, replayed calls and tool results in the history; and
+Gemma 4's thinking split into reasoning_content (--reasoning-parser gemma4)."""
 
 from __future__ import annotations
 
@@ -52,14 +53,15 @@ def test_streamed_content_holds_back_only_what_may_be_a_call():
         assert [json.loads(c["function"]["arguments"]) for c in calls] == [ARGS]
 
 
-def chat_with(template: str):
+def chat_with(template: str, reasoning_parser: str | None = None):
     from transformers import AutoTokenizer
 
     from sglang.test.make_gemma4_checkpoint import ensure_demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model())
     tokenizer.chat_template = template
-    return OpenAIServingChat(SimpleNamespace(tokenizer=tokenizer, server_args=SimpleNamespace(served_model_name="m"))), tokenizer
+    args = SimpleNamespace(served_model_name="m", reasoning_parser=reasoning_parser)
+    return OpenAIServingChat(SimpleNamespace(tokenizer=tokenizer, server_args=args)), tokenizer
 
 
 def test_tools_and_replayed_calls_reach_the_template():
@@ -83,6 +85,36 @@ def fake_out(text: str, final: bool) -> dict:
     return {"text": text, "output_ids": list(range(len(text))), "meta_info": meta}
 
 
+def stream_events(chat, req, text: str, cuts: tuple[int, ...]) -> list[dict]:
+    async def gen():
+        for end in (*cuts, len(text)):
+            yield fake_out(text[:end], end == len(text))
+
+    async def collect():
+        return [line async for line in chat._stream(req.model_copy(update={"stream": True}), [gen()])]
+
+    return [json.loads(e[6:]) for e in asyncio.run(collect()) if e.startswith("data: {")]
+
+
+def test_thinking_is_split_into_reasoning_content():
+    chat, tok = chat_with("{% for m in messages %}{{ m.content }}{% endfor %}", reasoning_parser="gemma4")
+    special = tok.all_special_tokens[0]
+    text = f"<|channel>thought\nThe user wants weather.<channel|>Let me check.{special} {CALL}"
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
+    assert chat._build_inputs(req.model_copy(update={"tools": None}))[0].sampling_params["skip_special_tokens"] is False
+    choice = chat._response(req, [fake_out(text, True)])["choices"][0]
+    assert choice["message"]["reasoning_content"] == "The user wants weather."
+    assert choice["message"]["content"] == "Let me check." and choice["finish_reason"] == "tool_calls"
+    events = stream_events(chat, req, text, (9, 25, 50, 60))
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "The user wants weather."
+    assert "".join(d.get("content", "") for d in deltas) == "Let me check. "
+    assert [json.loads(c["function"]["arguments"]) for d in deltas for c in d.get("tool_calls", [])] == [ARGS]
+    # separate_reasoning false (or no parser): the answer as decoded, thinking included
+    off = chat._response(req.model_copy(update={"separate_reasoning": False, "tools": None}), [fake_out("plain", True)])
+    assert off["choices"][0]["message"] == {"role": "assistant", "content": "plain"}
+
+
 def test_answers_carry_tool_calls_streamed_or_not():
     chat, tok = chat_with("{% for m in messages %}{{ m.content }}{% endfor %}")
     special = tok.all_special_tokens[0]  # other special tokens stay out of the content
@@ -96,14 +128,7 @@ def test_answers_carry_tool_calls_streamed_or_not():
     plain = chat._response(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]), [fake_out(text, True)])
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": text}  # without tools: untouched
 
-    async def gen():
-        for end in (12, 30, len(text)):
-            yield fake_out(text[:end], end == len(text))
-
-    async def collect():
-        return [line async for line in chat._stream(req.model_copy(update={"stream": True}), [gen()])]
-
-    events = [json.loads(e[6:]) for e in asyncio.run(collect()) if e.startswith("data: {")]
+    events = stream_events(chat, req, text, (12, 30))
     deltas = [e["choices"][0]["delta"] for e in events]
     assert "".join(d.get("content", "") for d in deltas) == "Checking. "
     calls = [c for d in deltas for c in d.get("tool_calls", [])]

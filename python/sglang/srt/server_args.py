@@ -90,6 +90,7 @@ class ServerArgs:
     api_key: str | None = _opt(None, "Require `Authorization: Bearer <key>` on every endpoint but /health.")
     enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
     enable_cache_report: bool = _opt(False, "Accepted for SGLang compatibility: usage.prompt_tokens_details.cached_tokens is always reported.")
+    reasoning_parser: str | None = _opt(None, "Split the model's thinking into reasoning_content (chat completions).", ("gemma4",))
     sampling_defaults: str = _opt(
         "model", "Defaults of unset sampling knobs: the model's generation_config, or OpenAI's (temperature 1, top_p 1).",
         ("model", "openai"),

@@ -109,6 +109,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict | None = None  # SGLang / vLLM: extra variables for the chat template
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto"] | None = None  # "required" and named choices are not supported
+    separate_reasoning: bool = True  # SGLang's: with --reasoning-parser, thinking goes to reasoning_content
 
 
 class CompletionRequest(_SamplingFields):
@@ -130,8 +131,6 @@ NEUTRAL_CHAT_FIELDS = {
     "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "audio": (),
     "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": ("auto", "default"),
     "store": (False,), "metadata": ({},), "web_search_options": (), "suffix": (),
-    # SGLang: splitting reasoning from content needs --reasoning-parser, which this server has not,
-    # so either value leaves the answer as it is; a final assistant turn is never continued.
-    "separate_reasoning": (True, False), "continue_final_message": (False,),
+    "continue_final_message": (False,),  # a final assistant turn is never continued
 }  # fmt: skip
 NEUTRAL_COMPLETION_FIELDS = {**_NEUTRAL_SAMPLING, "suffix": ("",)}

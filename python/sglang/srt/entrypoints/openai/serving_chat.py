@@ -28,6 +28,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     usage,
     usage_options,
 )
+from sglang.srt.entrypoints.openai.reasoning import ReasoningStream, split_reasoning
 from sglang.srt.entrypoints.openai.tool_calls import HeldContent, split_tool_calls
 from sglang.srt.managers.io_struct import GenerateReqInput
 
@@ -40,8 +41,9 @@ _TEMPLATE_ARGS_SET_HERE = {
 }  # fmt: skip
 
 
-# Calls are marked by special tokens, which the text must keep, unpadded, to be read back.
-_KEEP_CALL_MARKERS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
+# Tool calls and thinking are marked by special tokens, which the text must keep, unpadded, to be
+# read back; the other special tokens are removed from what is shown (_visible).
+_KEEP_MARKERS = {"skip_special_tokens": False, "spaces_between_special_tokens": False}
 
 
 class OpenAIServingChat(ServingBase):
@@ -62,7 +64,7 @@ class OpenAIServingChat(ServingBase):
         return [
             GenerateReqInput(
                 input_ids=input_ids,
-                sampling_params={**sampling_params_dict(req, max_tokens, i), **(_KEEP_CALL_MARKERS if req.uses_tools else {})},
+                sampling_params={**sampling_params_dict(req, max_tokens, i), **(_KEEP_MARKERS if self._keeps_markers(req) else {})},
                 stream=req.stream,
                 return_logprob=req.logprobs,
                 top_logprobs_num=req.top_logprobs or 0,
@@ -101,8 +103,14 @@ class OpenAIServingChat(ServingBase):
         return re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def _visible(self, text: str) -> str:
-        """Content of a tool-enabled answer without special tokens (kept in its text for the calls)."""
+        """Shown text without special tokens (kept in the decoded text for the calls and thinking)."""
         return self._special_tokens.sub("", text) if self._special_tokens else text
+
+    def _separates_reasoning(self, req: ChatCompletionRequest) -> bool:
+        return req.separate_reasoning and getattr(self.tm.server_args, "reasoning_parser", None) == "gemma4"
+
+    def _keeps_markers(self, req: ChatCompletionRequest) -> bool:
+        return req.uses_tools or self._separates_reasoning(req)
 
     def _response(self, req: ChatCompletionRequest, outs: list[dict]) -> dict:
         choices = []
@@ -111,9 +119,13 @@ class OpenAIServingChat(ServingBase):
             reason = meta["finish_reason"]
             if (error := abort_error(reason)) is not None:
                 raise error
-            message, finish = {"role": "assistant", "content": out["text"]}, finish_reason_str(reason)
-            if req.uses_tools:
-                content, calls = split_tool_calls(out["text"])
+            text, message, finish = out["text"], {"role": "assistant"}, finish_reason_str(reason)
+            if self._separates_reasoning(req):
+                thinking, text = split_reasoning(text)
+                message["reasoning_content"] = None if thinking is None else self._visible(thinking)
+            message["content"] = text
+            if self._keeps_markers(req):
+                content, calls = split_tool_calls(text) if req.uses_tools else (text, [])
                 message["content"] = self._visible(content)
                 if calls:
                     message.update(content=message["content"].strip() or None, tool_calls=calls)
@@ -153,14 +165,20 @@ class OpenAIServingChat(ServingBase):
 
         finals: list[dict | None] = [None] * len(gens)
         held = [HeldContent() for _ in gens] if req.uses_tools else None
+        thinking = [ReasoningStream() for _ in gens] if self._separates_reasoning(req) else None
         for i in range(len(gens)):
             yield chunk(i, {"role": "assistant", "content": ""})
         try:
             async for d in stream_deltas(gens):
                 logprobs = chat_logprobs(d.meta, d.token_start, d.token_end) if req.logprobs else None
-                text, calls = d.text, []
+                text, calls, final = d.text, [], d.reason is not None
+                if thinking:
+                    thought, text = thinking[d.index].add(text, final)
+                    if self._visible(thought):
+                        yield chunk(d.index, {"reasoning_content": self._visible(thought)}, meta=d.meta)
                 if held:
-                    text, calls = held[d.index].add(d.text, d.reason is not None)
+                    text, calls = held[d.index].add(text, final)
+                if self._keeps_markers(req):
                     text = self._visible(text)
                 if text or (logprobs and logprobs["content"]):
                     yield chunk(d.index, {"content": text}, logprobs=logprobs, meta=d.meta)
