@@ -6,15 +6,9 @@ thought channel in the prompt itself, so the answer carries none.)
 
 from __future__ import annotations
 
+from sglang.srt.entrypoints.openai.tool_calls import marker_tail
+
 OPEN, CLOSE = "<|channel>thought\n", "<channel|>"
-
-
-def _tail_prefix(text: str, marker: str) -> int:
-    """Length of the longest tail of text that begins marker (it may be completed later)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
@@ -53,7 +47,7 @@ class ReasoningStream:
             if end >= 0:
                 reasoning, self.sent, self.state = self.text[self.sent : end], end + len(CLOSE), "answer"
             else:
-                upto = len(self.text) if final else len(self.text) - _tail_prefix(self.text, CLOSE)
+                upto = len(self.text) if final else len(self.text) - marker_tail(self.text, CLOSE)
                 reasoning, self.sent = self.text[self.sent : upto], max(upto, self.sent)
         if self.state == "answer":
             answer, self.sent = self.text[self.sent :], len(self.text)

@@ -34,15 +34,18 @@ def split_tool_calls(text: str) -> tuple[str, list[dict]]:
     return "".join(kept), calls
 
 
+def marker_tail(text: str, marker: str) -> int:
+    """Length of the longest tail of text that begins marker (the rest may still arrive)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
 def held_back(text: str) -> int:
     """Where streamed content must stop for now: at a call's start, or at a tail that may become one."""
     start = text.find(CALL_OPEN)
-    if start >= 0:
-        return start
-    for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
-        if CALL_OPEN.startswith(text[-n:]):
-            return len(text) - n
-    return len(text)
+    return start if start >= 0 else len(text) - marker_tail(text, CALL_OPEN)
 
 
 class _Args:
