@@ -288,16 +288,19 @@ class TokenizerManager:
             "e2e_latency": time.perf_counter() - state.created,
         }
         if state.return_logprob:
-            meta["output_token_logprobs"] = [(lp, t, self.token_text(t)) for lp, t in state.token_logprobs]
-            meta["output_top_logprobs"] = [[(lp, t, self.token_text(t)) for lp, t in top] for top in state.top_logprobs]
+            meta["output_token_logprobs"] = self._with_text(state.token_logprobs)
+            meta["output_top_logprobs"] = [self._with_text(top) for top in state.top_logprobs]
             if state.input_token_logprobs:
-                meta["input_token_logprobs"] = [(lp, t, self.token_text(t)) for lp, t in state.input_token_logprobs]
-                meta["input_top_logprobs"] = [None if top is None else [(lp, t, self.token_text(t)) for lp, t in top]
-                                              for top in state.input_top_logprobs]  # fmt: skip
+                meta["input_token_logprobs"] = self._with_text(state.input_token_logprobs)
+                meta["input_top_logprobs"] = [None if top is None else self._with_text(top) for top in state.input_top_logprobs]
         out: dict[str, Any] = {"output_ids": list(state.output_ids), "meta_info": meta}
         if state.detok is not None:
             out["text"] = state.detok.visible_text()
         return out
+
+    def _with_text(self, pairs: list[tuple[float | None, int]]) -> list[tuple[float | None, int, str | None]]:
+        """(logprob, token id) pairs with each token's text, as SGLang's meta_info lists them."""
+        return [(lp, t, self.token_text(t)) for lp, t in pairs]
 
     def token_text(self, token_id: int) -> str | None:
         if self.tokenizer is None:

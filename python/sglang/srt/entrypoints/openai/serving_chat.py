@@ -166,6 +166,7 @@ class OpenAIServingChat(ServingBase):
         finals: list[dict | None] = [None] * len(gens)
         held = [HeldContent() for _ in gens] if req.uses_tools else None
         thinking = [ReasoningStream() for _ in gens] if self._separates_reasoning(req) else None
+        keeps_markers = self._keeps_markers(req)
         for i in range(len(gens)):
             yield chunk(i, {"role": "assistant", "content": ""})
         try:
@@ -174,11 +175,11 @@ class OpenAIServingChat(ServingBase):
                 text, calls, final = d.text, [], d.reason is not None
                 if thinking:
                     thought, text = thinking[d.index].add(text, final)
-                    if self._visible(thought):
-                        yield chunk(d.index, {"reasoning_content": self._visible(thought)}, meta=d.meta)
+                    if thought := self._visible(thought):
+                        yield chunk(d.index, {"reasoning_content": thought}, meta=d.meta)
                 if held:
                     text, calls = held[d.index].add(text, final)
-                if self._keeps_markers(req):
+                if keeps_markers:
                     text = self._visible(text)
                 if text or (logprobs and logprobs["content"]):
                     yield chunk(d.index, {"content": text}, logprobs=logprobs, meta=d.meta)
